@@ -1,0 +1,21 @@
+"""Test session setup: Triton's CPU interpreter when there is no GPU, and hypothesis profiles.
+
+TRITON_INTERPRET must be set before anything imports triton, so this runs before any test module
+imports ``kernels``. On a CUDA machine the same kernel tests run against the compiled kernels.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=200, derandomize=True, **_common)
+settings.register_profile("quick", max_examples=25, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
