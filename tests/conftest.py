@@ -6,6 +6,7 @@ imports ``kernels``. On a CUDA machine the same kernel tests run against the com
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -19,3 +20,9 @@ settings.register_profile("quick", max_examples=25, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> str:
+    """Where Triton kernels launch: the GPU when there is one, else the CPU through the interpreter."""
+    return KERNEL_DEVICE
