@@ -1,0 +1,122 @@
+"""Checkpoints: the state pytree as safetensors, validated on load, written atomically.
+
+Layout: one tensor per pytree leaf, named by its path (``params.blocks.0.attn.q.packed``); metadata
+holds the format tag, the run config as JSON, and a SHA-256 over every tensor's bytes (safetensors has
+no checksum of its own, so a flipped byte would otherwise load silently). Loading rebuilds the
+expected structure from the config on the meta device and demands exactly those names, dtypes and
+shapes, then validates every ternary weight (bytes 0..242, zero padding trits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.utils._pytree as pytree
+
+from arbfn.config import Config
+from arbfn.model import State, init_model
+from arbfn.ternary import validate_weight, weights
+
+FORMAT = "arbfn-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, truncated, corrupted, or of another model."""
+
+
+def _named_leaves(state: State) -> dict[str, torch.Tensor]:
+    leaves, _ = pytree.tree_flatten_with_path(state)
+    return {pytree.keystr(path).replace("[", ".").replace("]", "").replace("'", "").lstrip("."): leaf
+            for path, leaf in leaves}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(state: State, path: str | Path, cfg: Config | None = None) -> Path:
+    """Write ``state`` (with its run config) to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    cfg = cfg or Config("custom", state.config)
+    if cfg.model != state.config:
+        raise ValueError("save: cfg.model differs from the state's model config")
+    for w in weights(state.params):
+        validate_weight(w)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _named_leaves(state).items()}
+    meta = {"format": FORMAT, "config": cfg.to_json(), "sha256": _digest(tensors)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_config(path: str | Path) -> Config:
+    """The run config stored in a checkpoint."""
+    return _read(path)[1]
+
+
+def load(path: str | Path, device: torch.device | str = "cpu") -> State:
+    """Read and validate a checkpoint; the state on ``device``."""
+    return load_run(path, device)[0]
+
+
+def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[State, Config]:
+    """Read and validate a checkpoint; returns (state on ``device``, run config)."""
+    tensors, cfg = _read(path)
+    expected = init_model(cfg)  # meta-device skeleton: names, dtypes, shapes
+    names = _named_leaves(expected)
+    missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
+    if missing or extra:
+        raise CheckpointError(f"{path}: tensors do not match the {cfg.name!r} model "
+                              f"(missing: {missing[:5]}, unexpected: {extra[:5]})")
+    for name, like in names.items():
+        t = tensors[name]
+        if t.dtype != like.dtype or t.shape != like.shape:
+            raise CheckpointError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, expected {like.dtype} {tuple(like.shape)}")
+    leaves, spec = pytree.tree_flatten(expected)
+    state = pytree.tree_unflatten([tensors[n].to(device) for n in names], spec)
+    try:
+        for w in weights(state.params):
+            validate_weight(w)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return state, cfg
+
+
+def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for truncated/garbled files
+        raise CheckpointError(f"{path} is truncated or not a safetensors file: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an arbfn checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if _digest(tensors) != meta.get("sha256"):
+        raise CheckpointError(f"{path} is corrupted: its tensor bytes do not match the stored SHA-256")
+    try:
+        cfg = Config.from_json(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable config in metadata: {e}") from None
+    return tensors, cfg

@@ -1,0 +1,1 @@
+"""Layers as ``init_<layer>(..., generator) -> params`` / ``<layer>(params, inputs) -> outputs`` pairs."""

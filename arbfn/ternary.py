@@ -1,0 +1,189 @@
+"""The packed ternary weight as a pytree node, and the tree-wide helpers a train step needs.
+
+A :class:`TernaryWeight` holds only integers: packed trits (uint8, 5 per byte), an int8 log2 scale per
+group of ``group_size`` inputs, and the int8 vote accumulators. ``probe`` is never persistent: a train
+step attaches a zero float tensor there so that autograd delivers ``dL/dW`` (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from kernels import embedding as embedding_ops
+from kernels import linear as linear_ops
+from kernels import update as update_ops
+from kernels.packing import (check_group_size, decode_reference, n_groups, pack_reference, packed_width,
+                             validate_packed)
+
+
+@dataclasses.dataclass(frozen=True)
+class TernaryWeight:
+    """Packed ternary matrix [out_features, in_features] with group scales and training counters."""
+
+    packed: torch.Tensor
+    exp: torch.Tensor
+    t_accum: torch.Tensor | None
+    e_accum: torch.Tensor | None
+    in_features: int
+    group_size: int
+    probe: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        """Rows of the logical matrix."""
+        return self.packed.shape[0]
+
+    @property
+    def num_weights(self) -> int:
+        """Logical ternary weights (padding excluded)."""
+        return self.out_features * self.in_features
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the vote accumulators are present (inference-only weights drop them)."""
+        return self.t_accum is not None
+
+
+def _flatten(w: TernaryWeight):
+    return [w.packed, w.exp, w.t_accum, w.e_accum, w.probe], (w.in_features, w.group_size)
+
+
+def _unflatten(children, context) -> TernaryWeight:
+    packed, exp, t_accum, e_accum, probe = children
+    return TernaryWeight(packed, exp, t_accum, e_accum, *context, probe=probe)
+
+
+def _flatten_with_keys(w: TernaryWeight):
+    children, context = _flatten(w)
+    keys = ("packed", "exp", "t_accum", "e_accum", "probe")
+    return [(pytree.GetAttrKey(k), c) for k, c in zip(keys, children)], context
+
+
+pytree.register_pytree_node(TernaryWeight, _flatten, _unflatten, serialized_type_name="arbfn.TernaryWeight",
+                            flatten_with_keys_fn=_flatten_with_keys)
+
+
+def is_ternary(x: Any) -> bool:
+    """Pytree ``is_leaf`` predicate that stops at ternary weights."""
+    return isinstance(x, TernaryWeight)
+
+
+def init_exponent(fan_in: int, zero_fraction: float = 1 / 3, gain: float = 1.0) -> int:
+    """Log2 scale that gives outputs of about ``gain`` std for unit-variance inputs (fan-in scaling)."""
+    return round(math.log2(gain / math.sqrt(max(1.0, (1 - zero_fraction) * fan_in))))
+
+
+def init_ternary(out_features: int, in_features: int, group_size: int, generator: torch.Generator | None,
+                 *, exponent: int | None = None, zero_fraction: float = 1 / 3, trits: int | None = None,
+                 device: torch.device | str | None = None) -> TernaryWeight:
+    """A fresh weight: random trits (about ``zero_fraction`` zeros) or all ``trits``, fan-in scaled exponent.
+
+    ``generator=None`` builds it shape-only on the meta device (for counting large presets).
+    """
+    check_group_size(group_size)
+    if out_features < 1 or in_features < 1:
+        raise ValueError(f"a ternary weight needs positive sizes, got [{out_features}, {in_features}]")
+    e = init_exponent(in_features, zero_fraction) if exponent is None else exponent
+    groups = n_groups(in_features, group_size)
+    if generator is None:
+        meta = torch.device("meta")
+        packed = torch.empty((out_features, packed_width(in_features)), dtype=torch.uint8, device=meta)
+        t = None
+    else:
+        if trits is not None:
+            t = torch.full((out_features, in_features), trits, dtype=torch.int8)
+        else:
+            u = torch.rand((out_features, in_features), generator=generator)
+            sign = torch.where(torch.rand((out_features, in_features), generator=generator) < 0.5, -1, 1)
+            t = torch.where(u < zero_fraction, 0, sign).to(torch.int8)
+        packed = pack_reference(t).to(device)
+    dev = packed.device
+    return TernaryWeight(
+        packed=packed,
+        exp=torch.full((out_features, groups), e, dtype=torch.int8, device=dev),
+        t_accum=torch.zeros((out_features, in_features), dtype=torch.int8, device=dev),
+        e_accum=torch.zeros((out_features, groups), dtype=torch.int8, device=dev),
+        in_features=in_features,
+        group_size=group_size,
+    )
+
+
+def validate_weight(w: TernaryWeight, name: str = "weight") -> None:
+    """Raise ValueError unless every tensor of ``w`` has the dtype and shape its format requires."""
+    try:
+        check_group_size(w.group_size)
+        validate_packed(w.packed, w.in_features)
+        n, g = w.out_features, n_groups(w.in_features, w.group_size)
+        expected = {"exp": (w.exp, torch.int8, (n, g)), "t_accum": (w.t_accum, torch.int8, (n, w.in_features)),
+                    "e_accum": (w.e_accum, torch.int8, (n, g))}
+        for field, (t, dtype, shape) in expected.items():
+            if t is None and field != "exp" and w.t_accum is None and w.e_accum is None:
+                continue
+            if t is None or t.dtype != dtype or tuple(t.shape) != shape:
+                got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise ValueError(f"{field} must be {dtype} {shape}, got {got}")
+        if w.probe is not None:
+            raise ValueError("a persistent weight must not carry a probe")
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def decode(w: TernaryWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``T * 2**E`` (+ probe) for small parameters such as norm gains; differentiable through the probe."""
+    dense = decode_reference(w.packed, w.exp, w.in_features, w.group_size, dtype)
+    return dense if w.probe is None else dense + w.probe
+
+
+def linear(w: TernaryWeight, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` through the ternary linear op."""
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"linear expects inputs with {w.in_features} features, got shape {tuple(x.shape)}")
+    return linear_ops.ternary_linear(x, w.packed, w.exp, w.probe, w.in_features, w.group_size)
+
+
+def embed(w: TernaryWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of W for integer ``ids`` through the ternary embedding op."""
+    return embedding_ops.ternary_embedding(ids, w.packed, w.exp, w.probe, w.in_features, w.group_size)
+
+
+def map_weights(fn: Callable[[TernaryWeight], Any], tree: Any) -> Any:
+    """Apply ``fn`` to every ternary weight of ``tree``."""
+    return pytree.tree_map(lambda x: fn(x) if is_ternary(x) else x, tree, is_leaf=is_ternary)
+
+
+def weights(tree: Any) -> list[TernaryWeight]:
+    """The ternary weights of ``tree`` in pytree order."""
+    return [x for x in pytree.tree_leaves(tree, is_leaf=is_ternary) if is_ternary(x)]
+
+
+def make_probes(tree: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """A tree of zero probes (0-stride, so they cost no memory) mirroring the trainable weights of ``tree``."""
+
+    def probe(w: TernaryWeight):
+        if not w.trainable:
+            return None
+        return torch.zeros((), dtype=dtype, device=w.packed.device).expand(w.out_features, w.in_features)
+
+    return pytree.tree_map(lambda x: probe(x) if is_ternary(x) else None, tree, is_leaf=is_ternary)
+
+
+def attach_probes(tree: Any, probes: Any) -> Any:
+    """``tree`` with each weight's probe set from the matching leaf of ``probes``."""
+    return pytree.tree_map(lambda w, p: dataclasses.replace(w, probe=p) if is_ternary(w) else w,
+                           tree, probes, is_leaf=is_ternary)
+
+
+def update_weight(w: TernaryWeight, grad: torch.Tensor | None, flip_threshold: int, exp_threshold: int
+                  ) -> tuple[TernaryWeight, torch.Tensor, torch.Tensor]:
+    """One sign-vote update of ``w`` from ``dL/dW``; returns (new weight, trits flipped, exponents moved)."""
+    zero = torch.zeros((), dtype=torch.int64, device=w.packed.device)
+    if grad is None or not w.trainable:
+        return w, zero, zero
+    packed, exp, t_acc, e_acc, flips, moves = update_ops.ternary_update(
+        w.packed, w.exp, w.t_accum, w.e_accum, grad, w.in_features, w.group_size, flip_threshold, exp_threshold)
+    return TernaryWeight(packed, exp, t_acc, e_acc, w.in_features, w.group_size), flips, moves

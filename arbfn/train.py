@@ -1,0 +1,114 @@
+"""Loss, the pure functional train step, held-out evaluation, and the training loop.
+
+``train_step(state, batch, cfg)`` differentiates the loss with ``torch.func.grad_and_value`` with
+respect to zero *probes* (one per trainable ternary weight; 0-stride, so free until autograd writes
+their gradient), then turns the gradient signs into integer votes (kernels/update.py). Ephemeral float
+memory: one dense fp32 gradient per weight matrix during the step (4 bytes per logical weight),
+released when the step returns; nothing float survives in the state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from arbfn import data as data_mod
+from arbfn.config import Config, UpdateConfig
+from arbfn.model import State, apply_model
+from arbfn.ternary import attach_probes, is_ternary, make_probes, update_weight
+
+
+def loss_fn(state: State, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy in nats: logits[:, :-1] against batch[:, 1:]."""
+    logits = apply_model(state, batch)
+    v = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), batch[:, 1:].reshape(-1))
+
+
+def _probed_loss(probes: Any, state: State, batch: torch.Tensor) -> torch.Tensor:
+    return loss_fn(State(attach_probes(state.params, probes), state.step, state.config), batch)
+
+
+def gradient_signals(state: State, batch: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """(dL/dW for every trainable ternary weight as a tree mirroring the params, loss)."""
+    probes = make_probes(state.params)
+    return torch.func.grad_and_value(_probed_loss)(probes, state, batch)
+
+
+def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State, dict[str, torch.Tensor]]:
+    """New state after one sign-vote update from ``grads``; counts of flipped trits and moved exponents."""
+    counts = {"flips": [], "exp_moves": []}
+
+    def upd(w, g):
+        if not is_ternary(w):
+            return w
+        new, flips, moves = update_weight(w, g, update.flip_threshold, update.exp_threshold)
+        counts["flips"].append(flips)
+        counts["exp_moves"].append(moves)
+        return new
+
+    params = pytree.tree_map(upd, state.params, grads, is_leaf=is_ternary)
+    stats = {k: torch.stack(v).sum() for k, v in counts.items()}
+    return State(params, state.step + 1, state.config), stats
+
+
+def train_step(state: State, batch: torch.Tensor, cfg: Config) -> tuple[State, dict[str, torch.Tensor]]:
+    """One pure training step: returns the new state and metrics (loss, flips, exp_moves) as tensors."""
+    if cfg.model != state.config:
+        raise ValueError("train_step: cfg.model differs from the state's model config")
+    grads, loss = gradient_signals(state, batch)
+    new_state, stats = apply_update(state, grads, cfg.update)
+    return new_state, {"loss": loss.detach(), **stats}
+
+
+@torch.no_grad()
+def evaluate(state: State, batches: list[torch.Tensor]) -> float:
+    """Mean held-out loss in bits per byte over ``batches``."""
+    if not batches:
+        raise ValueError("evaluate needs at least one batch")
+    losses = [float(loss_fn(state, b.to(state.step.device))) for b in batches]
+    return sum(losses) / len(losses) / math.log(2)
+
+
+def train(cfg: Config, state: State, corpus: bytes, out_dir: Path | None = None,
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[State, list[dict[str, float]]]:
+    """Train ``state`` for ``cfg.train.steps`` steps on ``corpus``; returns the final state and per-step metrics.
+
+    With ``out_dir``, each step's metrics are appended to ``out_dir/metrics.jsonl`` as they happen.
+    """
+    tc = cfg.train
+    train_data, held_out = data_mod.split_corpus(corpus, tc.held_out_fraction)
+    batches = data_mod.iterate_batches(train_data, tc.batch_size, tc.context, tc.seed)
+    eval_set = data_mod.eval_batches(held_out, tc.batch_size, tc.context)[: tc.eval_batches]
+    device = state.step.device
+    history: list[dict[str, float]] = []
+    log = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log = (out_dir / "metrics.jsonl").open("w")
+    try:
+        for i in range(tc.steps):
+            batch = next(batches).to(device)
+            t0 = time.perf_counter()
+            state, m = train_step(state, batch, cfg)
+            row = {k: float(v) for k, v in m.items()}
+            row.update(step=int(state.step), bytes_per_s=batch.numel() / (time.perf_counter() - t0))
+            if i == tc.steps - 1 and eval_set:
+                row["held_out_bpb"] = evaluate(state, eval_set)
+            history.append(row)
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if on_step is not None:
+                on_step(i, row)
+    finally:
+        if log is not None:
+            log.close()
+    return state, history
