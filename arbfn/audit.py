@@ -18,7 +18,7 @@ from arbfn.model import State
 from arbfn.ternary import is_ternary, weights
 
 
-class AuditError(RuntimeError):
+class AuditError(ValueError):
     """Strict audit failure: a float tensor in the core state."""
 
 

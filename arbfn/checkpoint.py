@@ -19,9 +19,9 @@ import safetensors.torch
 import torch
 import torch.utils._pytree as pytree
 
-from arbfn.config import Config
+from arbfn.config import Config, TrainConfig
 from arbfn.model import State, init_model
-from arbfn.ternary import validate_weight, weights
+from arbfn.ternary import to_device, validate_weight, weights
 
 FORMAT = "arbfn-checkpoint-1"
 
@@ -30,23 +30,28 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing, truncated, corrupted, or of another model."""
 
 
+def _leaf_name(path: tuple) -> str:
+    return pytree.keystr(path).replace("[", ".").replace("]", "").replace("'", "").lstrip(".")
+
+
 def _named_leaves(state: State) -> dict[str, torch.Tensor]:
     leaves, _ = pytree.tree_flatten_with_path(state)
-    return {pytree.keystr(path).replace("[", ".").replace("]", "").replace("'", "").lstrip("."): leaf
-            for path, leaf in leaves}
+    return {_leaf_name(path): leaf for path, leaf in leaves if leaf is not None}
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())
-        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 def save(state: State, path: str | Path, cfg: Config | None = None) -> Path:
     """Write ``state`` (with its run config) to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    cfg = cfg or Config("custom", state.config)
+    if cfg is None:  # the default train context (64) must fit models with a shorter max_context
+        cfg = Config("custom", state.config, train=TrainConfig(context=max(2, min(TrainConfig.context,
+                                                                                     state.config.max_context))))
     if cfg.model != state.config:
         raise ValueError("save: cfg.model differs from the state's model config")
     for w in weights(state.params):
@@ -91,8 +96,9 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[Stat
         t = tensors[name]
         if t.dtype != like.dtype or t.shape != like.shape:
             raise CheckpointError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, expected {like.dtype} {tuple(like.shape)}")
-    leaves, spec = pytree.tree_flatten(expected)
-    state = pytree.tree_unflatten([tensors[n].to(device) for n in names], spec)
+    leaves, spec = pytree.tree_flatten_with_path(expected)
+    filled = [None if leaf is None else tensors[_leaf_name(path)] for path, leaf in leaves]
+    state = to_device(pytree.tree_unflatten(filled, spec), device)
     try:
         for w in weights(state.params):
             validate_weight(w)

@@ -187,3 +187,8 @@ def update_weight(w: TernaryWeight, grad: torch.Tensor | None, flip_threshold: i
     packed, exp, t_acc, e_acc, flips, moves = update_ops.ternary_update(
         w.packed, w.exp, w.t_accum, w.e_accum, grad, w.in_features, w.group_size, flip_threshold, exp_threshold)
     return TernaryWeight(packed, exp, t_acc, e_acc, w.in_features, w.group_size), flips, moves
+
+
+def to_device(tree: Any, device: torch.device | str) -> Any:
+    """``tree`` with every tensor moved to ``device`` (None leaves stay None)."""
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)

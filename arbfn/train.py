@@ -27,6 +27,9 @@ from arbfn.ternary import attach_probes, is_ternary, make_probes, update_weight
 
 def loss_fn(state: State, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-byte cross-entropy in nats: logits[:, :-1] against batch[:, 1:]."""
+    if isinstance(batch, torch.Tensor) and batch.dim() == 2 and batch.shape[1] < 2:
+        raise ValueError(f"the loss needs at least 2 tokens per row (next-byte targets), "
+                         f"got shape {tuple(batch.shape)}")
     logits = apply_model(state, batch)
     v = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), batch[:, 1:].reshape(-1))
@@ -38,8 +41,20 @@ def _probed_loss(probes: Any, state: State, batch: torch.Tensor) -> torch.Tensor
 
 def gradient_signals(state: State, batch: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """(dL/dW for every trainable ternary weight as a tree mirroring the params, loss)."""
-    probes = make_probes(state.params)
-    return torch.func.grad_and_value(_probed_loss)(probes, state, batch)
+    leaves, spec = pytree.tree_flatten(make_probes(state.params))
+    live = [i for i, p in enumerate(leaves) if p is not None]  # untrainable weights have no probe
+
+    def loss_of(live_probes: list[torch.Tensor]) -> torch.Tensor:
+        full = list(leaves)
+        for i, p in zip(live, live_probes):
+            full[i] = p
+        return _probed_loss(pytree.tree_unflatten(full, spec), state, batch)
+
+    grads, loss = torch.func.grad_and_value(loss_of)([leaves[i] for i in live])
+    full = [None] * len(leaves)
+    for i, g in zip(live, grads):
+        full[i] = g
+    return pytree.tree_unflatten(full, spec), loss
 
 
 def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State, dict[str, torch.Tensor]]:

@@ -1,0 +1,29 @@
+"""Loss-curve plot of a training run (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_loss(history: list[dict[str, float]], path: Path, title: str) -> Path:
+    """Write a PNG of training loss (nats) per step, marking the final held-out bits/byte if present."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="train loss (nats/byte)")
+    last = history[-1] if history else {}
+    if "held_out_bpb" in last:
+        ax.axhline(last["held_out_bpb"] * 0.6931471805599453, color="C1", ls="--",
+                   label=f"held-out {last['held_out_bpb']:.3f} bits/byte")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

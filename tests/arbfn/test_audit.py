@@ -1,0 +1,117 @@
+"""Tests of arbfn.audit: counts of ternary weights and state bytes, and detection of float tensors."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from arbfn.audit import AuditError, audit, format_audit
+from arbfn.config import ModelConfig, preset
+from arbfn.model import State, init_model
+from arbfn.ternary import weights
+
+TINY = preset("tiny")
+KEYS = {"ternary_weights", "state_bytes", "bytes_per_weight", "trainable_float_params", "frozen_float_params",
+        "float_buffers", "sidecars"}
+
+
+@pytest.fixture(scope="module")
+def state() -> State:
+    return init_model(TINY, torch.Generator().manual_seed(0))
+
+
+def expected_weights(m: ModelConfig) -> int:
+    """Logical ternary weights of the byte model, from its config alone."""
+    text = m.vocab_size * m.d_embed + m.d_model * m.window * m.d_embed
+    block = 4 * m.d_model * m.d_model + 2 * m.d_model * m.d_ff + 2 * m.d_model
+    return text + m.n_layers * block + m.d_model + m.vocab_size * m.d_model
+
+
+def test_tiny_counts(state):
+    r = audit(state)
+    assert r["ternary_weights"] == sum(w.out_features * w.in_features for w in weights(state.params))
+    assert r["ternary_weights"] == expected_weights(TINY.model) == 148_928
+    nbytes = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(state) if isinstance(t, torch.Tensor))
+    assert r["state_bytes"] == nbytes
+    assert r["state_mb"] == pytest.approx(nbytes / 1e6)
+    assert r["bytes_per_weight"] == pytest.approx(nbytes / r["ternary_weights"])
+    # packed trits 1/5 + int8 t_accum 1 + int8 exp and e_accum 2/32, plus row padding: ~1.26
+    assert 1.2 <= r["bytes_per_weight"] <= 1.35
+    assert r["trainable_float_params"] == 0 and r["frozen_float_params"] == 0 and r["float_buffers"] == 0
+    assert r["sidecars"] == {}
+    assert set(r["areas"]) == {"text", "blocks", "norm", "head"}
+    assert sum(a["ternary_weights"] for a in r["areas"].values()) == r["ternary_weights"]
+    assert sum(a["state_bytes"] for a in r["areas"].values()) == r["state_bytes"] - 8  # all but the int64 step
+    assert r["areas"]["head"]["ternary_weights"] == 297 * 64
+    audit(state, strict=True)  # a clean state passes the strict audit
+
+
+def test_json_keys(state):
+    r = json.loads(json.dumps(audit(state)))
+    assert KEYS <= set(r)
+    assert isinstance(r["ternary_weights"], int) and isinstance(r["state_bytes"], int)
+
+
+class RealTensorOps(TorchDispatchMode):
+    """Records every op that produces a tensor with storage (not on the meta device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and not t.is_meta for t in pytree.tree_leaves(out)):
+            self.ops.append(str(func))
+        return out
+
+
+def test_meta_state_is_counted_without_allocating(state):
+    meta = init_model(TINY)
+    assert all(t.is_meta for t in pytree.tree_leaves(meta) if isinstance(t, torch.Tensor))
+    with RealTensorOps() as rec:
+        r = audit(meta)
+    assert rec.ops == [], "auditing a meta state must not create real tensors"
+    assert r == audit(state)
+    # a model far too large to allocate here (~25e9 weights, ~32 GB of state) is counted from shapes alone
+    big = ModelConfig(d_embed=1024, d_model=8192, n_layers=32, n_heads=64, d_ff=32768, max_context=4096, group_size=64)
+    with RealTensorOps() as rec:
+        r = audit(init_model(big))
+    assert rec.ops == [], "building and auditing a shape-only state must not create real tensors"
+    assert r["ternary_weights"] == expected_weights(big)
+    assert r["ternary_weights"] > 2.5e10 and 1.2 <= r["bytes_per_weight"] <= 1.35
+    assert r["trainable_float_params"] == 0
+
+
+def test_injected_float_param_is_reported(state):
+    params = {**state.params, "extra_gain": torch.ones(64)}
+    bad = State(params, state.step, state.config)
+    r = audit(bad)
+    assert r["trainable_float_params"] == 64
+    with pytest.raises(AuditError, match="float tensors in the core state: 64 float params"):
+        audit(bad, strict=True)
+    # a float tensor inside a ternary weight is found too
+    head = state.params["head"]
+    bad = State({**state.params, "head": dataclasses.replace(head, exp=head.exp.float())}, state.step, state.config)
+    assert audit(bad)["trainable_float_params"] == head.exp.numel()
+    assert audit(bad)["areas"]["head"]["trainable_float_params"] == head.exp.numel()
+    with pytest.raises(AuditError):
+        audit(bad, strict=True)
+
+
+def test_float_buffer_is_reported(state):
+    bad = State(state.params, state.step.double(), state.config)
+    r = audit(bad)
+    assert r["float_buffers"] == 1 and r["trainable_float_params"] == 0
+    with pytest.raises(AuditError, match="1 float buffer"):
+        audit(bad, strict=True)
+
+
+def test_format_audit_table(state):
+    text = format_audit(audit(state))
+    assert "TOTAL" in text and "148,928" in text and "sidecars: 0" in text
+    for area in ("text", "blocks", "norm", "head"):
+        assert area in text

@@ -1,0 +1,239 @@
+"""Tests of arbfn.checkpoint: bit-exact round trip, atomic writes, and rejection of every bad file."""
+
+import dataclasses
+import json
+import os
+import struct
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+import torch.utils._pytree as pytree
+
+from arbfn import checkpoint, data
+from arbfn.checkpoint import FORMAT, CheckpointError, _digest, load, load_config, load_run, save
+from arbfn.config import Config, ModelConfig, UpdateConfig, preset
+from arbfn.model import State, init_model
+from arbfn.ternary import weights
+from arbfn.train import train_step
+
+CFG = dataclasses.replace(preset("tiny"), update=UpdateConfig(flip_threshold=2, exp_threshold=3))
+
+
+def tensors(state: State) -> dict[str, torch.Tensor]:
+    return {pytree.keystr(p): t for p, t in pytree.tree_flatten_with_path(state)[0] if isinstance(t, torch.Tensor)}
+
+
+@pytest.fixture(scope="module")
+def trained() -> State:
+    """The tiny model after 3 train steps with low thresholds: trits, exponents, accumulators and step all moved."""
+    state = init_model(CFG, torch.Generator().manual_seed(0))
+    stream = data.iterate_batches(data.load_corpus(), 4, 32, 0)
+    flips = moves = 0
+    for _ in range(3):
+        state, m = train_step(state, next(stream), CFG)
+        flips, moves = flips + int(m["flips"]), moves + int(m["exp_moves"])
+    assert flips > 0 and moves > 0
+    return state
+
+
+@pytest.fixture
+def saved(trained, tmp_path):
+    return save(trained, tmp_path / "ckpt.safetensors", CFG)
+
+
+def read_raw(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def write_raw(path, tensors: dict[str, torch.Tensor], meta: dict[str, str], resign: bool = True) -> None:
+    """Write a checkpoint by hand; ``resign`` stores a correct SHA-256 so only the other checks can object."""
+    meta = dict(meta)
+    if resign:
+        meta["sha256"] = _digest(tensors)
+    safetensors.torch.save_file(tensors, str(path), metadata=meta)
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_round_trip_is_bit_exact(trained, saved):
+    state, cfg = load_run(saved)
+    assert cfg == CFG and state.config == trained.config
+    assert int(state.step) == 3 == int(trained.step)
+    a, b = tensors(state), tensors(trained)
+    assert list(a) == list(b) and len(a) == len(checkpoint._named_leaves(trained))
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), name
+    assert pytree.tree_structure(state) == pytree.tree_structure(trained)
+    assert load_config(saved) == CFG
+    assert all(w.probe is None for w in weights(state.params))
+    # load() is load_run() without the config
+    assert all(torch.equal(x, y) for x, y in zip(tensors(load(saved)).values(), a.values()))
+
+
+def test_metadata_and_names(saved):
+    raw, meta = read_raw(saved)
+    assert meta["format"] == FORMAT and Config.from_json(meta["config"]) == CFG
+    assert meta["sha256"] == _digest(raw)
+    assert "step" in raw and "params.head.packed" in raw and "params.blocks.1.mlp.up.t_accum" in raw
+
+
+def test_save_default_config_and_mismatch(trained, tmp_path):
+    path = save(trained, tmp_path / "sub" / "x.safetensors")  # creates the folder
+    cfg = load_config(path)
+    assert cfg.name == "custom" and cfg.model == trained.config
+    other = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, n_layers=3))
+    with pytest.raises(ValueError, match="differs"):
+        save(trained, tmp_path / "y.safetensors", other)
+    # without a run config, a model whose max_context is below the default train context still saves
+    small = init_model(ModelConfig(d_model=16, n_layers=1, d_ff=32, max_context=16, group_size=8),
+                       torch.Generator().manual_seed(0))
+    back, cfg = load_run(save(small, tmp_path / "small.safetensors"))
+    assert cfg.model == small.config and cfg.train.context <= 16
+    assert all(torch.equal(x, y) for x, y in zip(tensors(back).values(), tensors(small).values()))
+
+
+def test_save_refuses_an_invalid_state(trained, tmp_path):
+    head = trained.params["head"]
+    packed = head.packed.clone()
+    packed[0, 0] = 250
+    bad = State({**trained.params, "head": dataclasses.replace(head, packed=packed)}, trained.step, trained.config)
+    with pytest.raises(ValueError, match="invalid byte"):
+        save(bad, tmp_path / "bad.safetensors", CFG)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- atomic write
+
+
+def test_save_leaves_no_temp_files(trained, tmp_path):
+    save(trained, tmp_path / "a.safetensors", CFG)
+    save(trained, tmp_path / "a.safetensors", CFG)  # overwrite
+    assert os.listdir(tmp_path) == ["a.safetensors"]
+
+
+def test_failed_save_keeps_the_previous_file(trained, saved, monkeypatch):
+    before = saved.read_bytes()
+    real = safetensors.torch.save_file
+
+    def half_then_fail(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # midway: a partial file on disk
+            f.truncate(os.path.getsize(filename) // 2)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    fresh = init_model(CFG, torch.Generator().manual_seed(1))
+    with pytest.raises(OSError, match="disk full"):
+        save(fresh, saved, CFG)
+    assert saved.read_bytes() == before
+    assert os.listdir(saved.parent) == [saved.name], "the temp file must be removed"
+    monkeypatch.undo()
+    assert int(load(saved).step) == 3
+
+
+# ---------------------------------------------------------------- bad files
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load(tmp_path)  # a folder is not a checkpoint
+
+
+def test_truncated_file(saved):
+    raw = saved.read_bytes()
+    saved.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a safetensors file"):
+        load(saved)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n" * 40, bytes(range(256)) * 8])
+def test_garbage_file(tmp_path, content):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="truncated or not a safetensors file"):
+        load(path)
+
+
+@pytest.mark.parametrize("where", [0.5, -1])
+def test_flipped_byte_in_tensor_data(saved, where):
+    raw = bytearray(saved.read_bytes())
+    header = struct.unpack("<Q", raw[:8])[0]
+    start = 8 + header
+    pos = len(raw) - 1 if where == -1 else start + int((len(raw) - start) * where)
+    raw[pos] ^= 0x01  # stays a plausible value: without the digest this would load silently
+    saved.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupted.*SHA-256"):
+        load(saved)
+
+
+def test_wrong_format_tag(saved):
+    t, meta = read_raw(saved)
+    write_raw(saved, t, {**meta, "format": "other-format-9"})
+    with pytest.raises(CheckpointError, match="not an arbfn checkpoint.*other-format-9"):
+        load(saved)
+    write_raw(saved, t, {k: v for k, v in meta.items() if k != "format"})
+    with pytest.raises(CheckpointError, match="not an arbfn checkpoint"):
+        load(saved)
+
+
+def test_unreadable_config(saved):
+    t, meta = read_raw(saved)
+    cfg = json.loads(meta["config"])
+    cfg["model"]["bogus"] = 1
+    write_raw(saved, t, {**meta, "config": json.dumps(cfg)})
+    with pytest.raises(CheckpointError, match="unreadable config"):
+        load(saved)
+
+
+def test_missing_tensor(saved):
+    t, meta = read_raw(saved)
+    del t["params.blocks.0.attn.q.t_accum"]
+    write_raw(saved, t, meta)
+    with pytest.raises(CheckpointError, match=r"do not match.*missing: \['params.blocks.0.attn.q.t_accum'\]"):
+        load(saved)
+
+
+def test_unexpected_tensor(saved):
+    t, meta = read_raw(saved)
+    t["params.extra"] = torch.zeros(3)
+    write_raw(saved, t, meta)
+    with pytest.raises(CheckpointError, match=r"unexpected: \['params.extra'\]"):
+        load(saved)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda x: x[:, :-1].contiguous(), r"params.head.exp is torch.int8 \(297, 1\), expected torch.int8 \(297, 2\)"),
+    (lambda x: x.to(torch.int16), r"params.head.exp is torch.int16 \(297, 2\), expected torch.int8"),
+])
+def test_wrong_shape_or_dtype(saved, change, match):
+    t, meta = read_raw(saved)
+    t["params.head.exp"] = change(t["params.head.exp"])
+    write_raw(saved, t, meta)
+    with pytest.raises(CheckpointError, match=match):
+        load(saved)
+
+
+def test_invalid_packed_byte_with_a_correct_digest(saved):
+    t, meta = read_raw(saved)
+    t["params.blocks.1.mlp.down.packed"][3, 7] = 250
+    write_raw(saved, t, meta)  # a correct SHA-256: only the byte validation can catch it
+    _, stored = read_raw(saved)
+    assert stored["sha256"] == _digest(read_raw(saved)[0])
+    with pytest.raises(CheckpointError, match=r"invalid byte.*\[3, 7\] = 250"):
+        load(saved)
+
+
+def test_nonzero_padding_trit_with_a_correct_digest(saved):
+    t, meta = read_raw(saved)
+    # d_embed = 64 = 12 * 5 + 4: the last byte of a row holds one padding trit; digit 0 there is a -1 trit
+    t["params.text.embed.packed"][0, -1] = 0
+    write_raw(saved, t, meta)
+    with pytest.raises(CheckpointError, match="pad"):
+        load(saved)

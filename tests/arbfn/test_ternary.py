@@ -1,0 +1,347 @@
+"""Tests of arbfn.ternary: the packed ternary weight as a pytree node, its init, validation, ops and update."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from arbfn.ternary import (
+    TernaryWeight,
+    attach_probes,
+    decode,
+    embed,
+    init_exponent,
+    init_ternary,
+    is_ternary,
+    linear,
+    make_probes,
+    map_weights,
+    update_weight,
+    validate_weight,
+    weights,
+)
+from kernels.packing import pack_reference, unpack_reference
+
+FIELDS = ("packed", "exp", "t_accum", "e_accum")
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def trits_of(w: TernaryWeight) -> torch.Tensor:
+    return unpack_reference(w.packed, w.in_features)
+
+
+def assert_same_weight(a: TernaryWeight, b: TernaryWeight) -> None:
+    assert (a.in_features, a.group_size) == (b.in_features, b.group_size)
+    for f in FIELDS:
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f
+
+
+# ---------------------------------------------------------------- init
+
+
+@pytest.mark.parametrize("n,k,gs", [(1, 1, 4), (3, 7, 4), (8, 64, 32), (5, 97, 32), (2, 33, 96), (297, 64, 32)])
+def test_init_shapes_and_dtypes(n, k, gs):
+    w = init_ternary(n, k, gs, gen())
+    assert w.packed.dtype == torch.uint8 and w.packed.shape == (n, math.ceil(k / 5))
+    assert w.exp.dtype == torch.int8 and w.exp.shape == (n, math.ceil(k / gs))
+    assert w.t_accum.dtype == torch.int8 and w.t_accum.shape == (n, k)
+    assert w.e_accum.dtype == torch.int8 and w.e_accum.shape == (n, math.ceil(k / gs))
+    assert (w.in_features, w.group_size, w.out_features, w.num_weights) == (k, gs, n, n * k)
+    assert w.probe is None and w.trainable
+    assert not w.t_accum.any() and not w.e_accum.any(), "accumulators start at zero"
+    validate_weight(w)
+
+
+def test_init_about_a_third_zero_trits_and_balanced_signs():
+    t = trits_of(init_ternary(256, 320, 32, gen(1))).to(torch.float32)
+    n = t.numel()
+    zero, plus, minus = (t == 0).sum() / n, (t == 1).sum() / n, (t == -1).sum() / n
+    assert abs(float(zero) - 1 / 3) < 0.01
+    assert abs(float(plus) - 1 / 3) < 0.01 and abs(float(minus) - 1 / 3) < 0.01
+    half = trits_of(init_ternary(256, 320, 32, gen(1), zero_fraction=0.5))
+    assert abs(float((half == 0).float().mean()) - 0.5) < 0.01
+
+
+def test_init_fan_in_exponent():
+    # 2**E ~ 1/sqrt((2/3) K) (a third of the trits are zero): K=40 -> 1/5.2 -> -2 (1/sqrt(K) alone would give -3);
+    # K=64 -> 1/6.5 -> -3; K=1000 -> 1/25.8 -> -5; K=1 -> 0 (fan-in clamped to 1)
+    assert (init_exponent(40), init_exponent(64), init_exponent(1000), init_exponent(1)) == (-2, -3, -5, 0)
+    for k in (1, 5, 64, 256, 1000):
+        w = init_ternary(4, k, 32, gen())
+        assert torch.equal(w.exp, torch.full_like(w.exp, init_exponent(k)))
+    w = init_ternary(4, 64, 32, gen(), exponent=2)
+    assert bool((w.exp == 2).all())
+    # the scale makes outputs of about unit std for unit-variance inputs
+    w = init_ternary(512, 1024, 32, gen(2))
+    y = linear(w, torch.randn(64, 1024, generator=gen(3)))
+    assert 0.6 < float(y.std()) < 1.6
+
+
+def test_init_constant_trits():
+    w = init_ternary(1, 13, 4, gen(), exponent=0, trits=1)
+    assert torch.equal(decode(w), torch.ones(1, 13))
+    validate_weight(w)
+
+
+def test_init_generator_none_is_shape_only_meta():
+    w = init_ternary(300, 1000, 32, None)
+    for f in FIELDS:
+        assert getattr(w, f).device.type == "meta", f
+    ref = init_ternary(300, 1000, 32, gen())
+    for f in FIELDS:
+        assert getattr(w, f).shape == getattr(ref, f).shape and getattr(w, f).dtype == getattr(ref, f).dtype
+
+
+def test_init_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="positive sizes"):
+        init_ternary(0, 4, 32, gen())
+    with pytest.raises(ValueError, match="positive sizes"):
+        init_ternary(4, 0, 32, gen())
+    with pytest.raises(ValueError, match="group_size"):
+        init_ternary(4, 8, 3, gen())
+
+
+def test_init_deterministic_for_a_seed():
+    a, b, c = init_ternary(17, 53, 8, gen(5)), init_ternary(17, 53, 8, gen(5)), init_ternary(17, 53, 8, gen(6))
+    assert_same_weight(a, b)
+    assert not torch.equal(a.packed, c.packed)
+
+
+SIZES = st.sampled_from([1, 2, 3, 4, 5, 6, 7, 11, 13, 31, 32, 33, 37, 64, 97, 101, 127, 131])
+
+
+@settings(max_examples=60)
+@given(n=SIZES, k=SIZES, gs=st.sampled_from([4, 5, 7, 32, 33, 96]), seed=st.integers(0, 2**31 - 1))
+def test_init_property_over_sizes(n, k, gs, seed):
+    w = init_ternary(n, k, gs, gen(seed))
+    assert w.packed.shape == (n, -(-k // 5)) and w.exp.shape == (n, -(-k // gs))
+    assert w.t_accum.shape == (n, k) and w.e_accum.shape == w.exp.shape
+    validate_weight(w)  # bytes 0..242, zero padding trits, dtypes and shapes
+    t = trits_of(w)
+    assert bool(((t >= -1) & (t <= 1)).all())
+    assert torch.equal(pack_reference(t), w.packed), "packing round trip"
+    assert bool((w.exp == init_exponent(k)).all())
+    assert_same_weight(w, init_ternary(n, k, gs, gen(seed)))
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.fixture
+def w7() -> TernaryWeight:
+    return init_ternary(3, 7, 4, gen())
+
+
+@pytest.mark.parametrize("byte", range(243, 256))
+def test_validate_rejects_invalid_packed_bytes(byte):
+    w = init_ternary(3, 10, 4, gen())  # k a multiple of 5: no padding, only the byte range can fail
+    packed = w.packed.clone()
+    packed[1, 1] = byte
+    with pytest.raises(ValueError, match=rf"mine: .*invalid byte.*\[1, 1\] = {byte}"):
+        validate_weight(dataclasses.replace(w, packed=packed), "mine")
+
+
+def test_validate_accepts_242_and_rejects_nonzero_padding(w7):
+    w = init_ternary(3, 10, 4, gen())
+    packed = w.packed.clone()
+    packed[0, 0] = 242
+    validate_weight(dataclasses.replace(w, packed=packed))
+    packed = w7.packed.clone()
+    packed[0, 1] = 0  # k=7: the last byte's trits 2..4 are padding; digit 0 there is a -1 trit
+    with pytest.raises(ValueError, match="pad"):
+        validate_weight(dataclasses.replace(w7, packed=packed))
+
+
+@pytest.mark.parametrize(
+    "field,bad,match",
+    [
+        ("packed", lambda w: w.packed.to(torch.int8), "uint8"),
+        ("packed", lambda w: w.packed[:, :1], "bytes"),
+        ("packed", lambda w: w.packed[0], "2-D"),
+        ("exp", lambda w: w.exp.to(torch.int16), "exp must be"),
+        ("exp", lambda w: w.exp[:, :1], "exp must be"),
+        ("exp", lambda w: None, "exp must be .*missing"),
+        ("t_accum", lambda w: w.t_accum.to(torch.int32), "t_accum must be"),
+        ("t_accum", lambda w: w.t_accum[:, :5], "t_accum must be"),
+        ("t_accum", lambda w: w.t_accum.float(), "t_accum must be"),
+        ("e_accum", lambda w: w.e_accum.to(torch.uint8), "e_accum must be"),
+        ("e_accum", lambda w: None, "e_accum must be .*missing"),
+        ("e_accum", lambda w: torch.zeros(2, 2, dtype=torch.int8), "e_accum must be"),
+    ],
+)
+def test_validate_rejects_wrong_dtypes_and_shapes(w7, field, bad, match):
+    with pytest.raises(ValueError, match=match):
+        validate_weight(dataclasses.replace(w7, **{field: bad(w7)}))
+
+
+def test_validate_rejects_persistent_probe_and_accepts_inference_weight(w7):
+    with pytest.raises(ValueError, match="probe"):
+        validate_weight(dataclasses.replace(w7, probe=torch.zeros(3, 7)))
+    validate_weight(dataclasses.replace(w7, t_accum=None, e_accum=None))  # inference-only: no accumulators
+    assert not dataclasses.replace(w7, t_accum=None, e_accum=None).trainable
+
+
+# ---------------------------------------------------------------- pytree
+
+
+def test_pytree_round_trip_keeps_static_fields():
+    w = init_ternary(6, 37, 8, gen())
+    leaves, spec = pytree.tree_flatten(w)
+    tensors = [x for x in leaves if x is not None]
+    assert len(tensors) == 4 and all(isinstance(t, torch.Tensor) for t in tensors)
+    back = pytree.tree_unflatten(leaves, spec)
+    assert isinstance(back, TernaryWeight)
+    assert_same_weight(back, w)
+    # static fields are context, not leaves: a tree_map over tensors keeps them
+    mapped = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, {"w": [w]})
+    assert isinstance(mapped["w"][0], TernaryWeight)
+    assert (mapped["w"][0].in_features, mapped["w"][0].group_size) == (37, 8)
+    assert_same_weight(mapped["w"][0], w)
+    names = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(w)[0]]
+    assert names == [".packed", ".exp", ".t_accum", ".e_accum", ".probe"]
+
+
+def test_weights_and_map_weights_walk_nested_trees():
+    tree = {"a": init_ternary(2, 5, 4, gen()), "b": [init_ternary(3, 6, 4, gen()), {"c": init_ternary(1, 9, 4, gen())}]}
+    assert [w.in_features for w in weights(tree)] == [5, 6, 9]
+    doubled = map_weights(lambda w: dataclasses.replace(w, exp=w.exp + 1), tree)
+    assert all(bool((x.exp == y.exp + 1).all()) for x, y in zip(weights(doubled), weights(tree)))
+    assert is_ternary(tree["a"]) and not is_ternary(tree["a"].packed)
+
+
+# ---------------------------------------------------------------- probes
+
+
+def test_make_probes_are_zero_stride_zeros():
+    frozen = dataclasses.replace(init_ternary(2, 8, 4, gen()), t_accum=None, e_accum=None)
+    tree = {"a": init_ternary(4, 13, 4, gen()), "b": [init_ternary(3, 6, 4, gen())], "frozen": frozen}
+    probes = make_probes(tree)
+    for p, w in ((probes["a"], tree["a"]), (probes["b"][0], tree["b"][0])):
+        assert p.shape == (w.out_features, w.in_features) and p.dtype == torch.float32
+        assert p.stride() == (0, 0), "a probe must cost no memory"
+        assert not p.any()
+    assert probes["frozen"] is None, "untrainable weights get no probe"
+    assert make_probes(tree, torch.float64)["a"].dtype == torch.float64
+
+
+def test_attach_probes_sets_each_weight_probe():
+    tree = {"a": init_ternary(4, 13, 4, gen()), "b": [init_ternary(3, 6, 4, gen())]}
+    probes = make_probes(tree)
+    attached = attach_probes(tree, probes)
+    assert attached["a"].probe is probes["a"] and attached["b"][0].probe is probes["b"][0]
+    assert tree["a"].probe is None, "attach_probes must not modify its input"
+    assert_same_weight(attached["a"], tree["a"])
+    detached = attach_probes(attached, pytree.tree_map(lambda _: None, probes))
+    assert detached["a"].probe is None
+
+
+# ---------------------------------------------------------------- ops
+
+
+@pytest.mark.parametrize("n,k,gs", [(1, 1, 4), (7, 13, 4), (16, 64, 32), (9, 101, 33)])
+def test_linear_equals_dense_matmul(n, k, gs):
+    w = init_ternary(n, k, gs, gen(n * k))
+    w = dataclasses.replace(w, exp=torch.randint(-4, 3, w.exp.shape, generator=gen(1), dtype=torch.int8))
+    x = torch.randn(2, 5, k, generator=gen(2))
+    dense = decode(w)
+    assert dense.shape == (n, k)
+    expected = x @ dense.T
+    assert torch.allclose(linear(w, x), expected, rtol=1e-5, atol=1e-5)
+    # decode is T * 2**E with the group's exponent
+    cols = torch.arange(k)
+    assert torch.equal(dense, trits_of(w).float() * torch.exp2(w.exp.float()[:, cols // gs]))
+
+
+def test_linear_rejects_wrong_feature_size():
+    w = init_ternary(4, 13, 4, gen())
+    with pytest.raises(ValueError, match="13 features.*12"):
+        linear(w, torch.randn(2, 12))
+
+
+def test_linear_probe_gradient_is_dL_dW():
+    w = init_ternary(6, 11, 4, gen())
+    x, g = torch.randn(3, 11, generator=gen(1)), torch.randn(3, 6, generator=gen(2))
+    probe = make_probes({"w": w})["w"]
+    grad = torch.func.grad(lambda p: (linear(dataclasses.replace(w, probe=p), x) * g).sum())(probe)
+    assert torch.allclose(grad, g.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_gathers_decoded_rows():
+    w = init_ternary(297, 24, 8, gen(3), exponent=0)
+    w = dataclasses.replace(w, exp=torch.randint(-2, 2, w.exp.shape, generator=gen(1), dtype=torch.int8))
+    ids = torch.tensor([[0, 5, 296], [17, 17, 100]])
+    out = embed(w, ids)
+    assert out.shape == (2, 3, 24) and out.dtype == torch.float32
+    assert torch.equal(out, decode(w)[ids])
+
+
+# ---------------------------------------------------------------- update
+
+
+def test_update_zero_grad_changes_nothing():
+    w = init_ternary(9, 23, 4, gen())
+    # give the accumulators non-zero values inside their ranges first
+    w = dataclasses.replace(w, t_accum=torch.randint(-7, 8, w.t_accum.shape, generator=gen(1), dtype=torch.int8),
+                            e_accum=torch.randint(-31, 32, w.e_accum.shape, generator=gen(2), dtype=torch.int8))
+    new, flips, moves = update_weight(w, torch.zeros(9, 23), 8, 32)
+    assert_same_weight(new, w)
+    assert int(flips) == 0 and int(moves) == 0
+    same, flips, moves = update_weight(w, None, 8, 32)
+    assert same is w and int(flips) == 0 and int(moves) == 0
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x).to(torch.int32)
+
+
+def test_update_threshold_one_moves_every_trit_and_exponent_by_the_rule():
+    n, k, gs = 5, 17, 4
+    w = init_ternary(n, k, gs, gen(7))
+    grad = torch.randn(n, k, generator=gen(8))
+    grad[0, :3] = 0.0  # zero gradient: no vote
+    t, s = trits_of(w).to(torch.int32), _sign(grad)
+    new, flips, moves = update_weight(w, grad, 1, 1)
+    # threshold 1: every vote moves its trit one step against the gradient sign, clamped to {-1, 0, 1}
+    expect_t = (t - s).clamp(-1, 1)
+    assert torch.equal(trits_of(new).to(torch.int32), expect_t)
+    moved = expect_t != t
+    assert torch.equal(new.t_accum.to(torch.int32), torch.where(moved, 0, -s))
+    # exponent: per group, vote -sign(sum(sign(grad) * old trit)); threshold 1 moves it at once
+    score = torch.nn.functional.pad(s * t, (0, 20 - k)).view(n, 5, gs).sum(-1)
+    assert torch.equal(new.exp.to(torch.int32), w.exp.to(torch.int32) - _sign(score))
+    assert not new.e_accum.any()
+    assert int(flips) == int(moved.sum()) > 0 and int(moves) == int((score != 0).sum()) > 0
+    validate_weight(new)
+    # the input weight is untouched (pure)
+    assert_same_weight(w, init_ternary(n, k, gs, gen(7)))
+
+
+def test_update_below_threshold_only_accumulates():
+    n, k, gs = 4, 12, 4
+    w = init_ternary(n, k, gs, gen(9))
+    grad = torch.randn(n, k, generator=gen(10))
+    s, t = _sign(grad), trits_of(w).to(torch.int32)
+    new, flips, moves = update_weight(w, grad, 8, 32)
+    assert torch.equal(new.packed, w.packed) and torch.equal(new.exp, w.exp)
+    assert torch.equal(new.t_accum.to(torch.int32), -s)
+    score = (s * t).view(n, 3, gs).sum(-1)
+    assert torch.equal(new.e_accum.to(torch.int32), -_sign(score))
+    assert int(flips) == 0 and int(moves) == 0
+    # repeated votes of one sign saturate at the threshold and flip exactly when it is reached
+    state = w
+    for step in range(1, 4):
+        state, flips, _ = update_weight(state, -torch.ones(n, k), 3, 127)
+        if step < 3:
+            assert torch.equal(state.packed, w.packed) and bool((state.t_accum == step).all())
+    moved = t < 1
+    assert int(flips) == int(moved.sum())
+    assert torch.equal(trits_of(state).to(torch.int32), (t + 1).clamp(max=1))
+    assert torch.equal(state.t_accum.to(torch.int32), torch.where(moved, 0, 3))

@@ -1,0 +1,290 @@
+"""Properties of ``arbfn::ternary_update``: Triton == reference == a plain-Python restatement of the rule,
+output invariants, repeated-call behaviour, argument validation, and torch.compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernels.packing import n_groups, pack_reference, packed_width, unpack_reference, validate_packed
+from kernels.update import ternary_update, ternary_update_reference, ternary_update_triton
+
+GROUP_SIZES = (4, 6, 8, 16, 32, 64, 96)
+SPECIAL_K = (1, 2, 3, 4, 5, 6, 7, 11, 13, 31, 40, 48, 60, 61, 64, 67, 70)
+SPECIAL_GRADS = (0.0, -0.0, math.nan, math.inf, -math.inf, 3e38, -3e38, 1e-45, -1e-45)
+THRESHOLDS = st.one_of(st.sampled_from((1, 2, 127)), st.integers(1, 127))
+
+
+def make_case(n: int, k: int, gs: int, th: int, the: int, acc_mode: str, exp_mode: str, grad_mode: str, seed: int):
+    """Inputs of one update: (packed, exp, t_accum, e_accum, grad) on CPU, grad fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    g = n_groups(k, gs)
+
+    def randint(lo: int, hi: int, shape) -> torch.Tensor:
+        return torch.randint(lo, hi + 1, shape, generator=gen)
+
+    def pick(values, shape) -> torch.Tensor:
+        values = torch.tensor(values)
+        return values[randint(0, len(values) - 1, shape)]
+
+    def accum(shape, bound: int) -> torch.Tensor:
+        if acc_mode == "uniform":
+            return randint(-bound, bound, shape).to(torch.int8)
+        return pick((-bound, -bound + 1, 0, bound - 1, bound), shape).to(torch.int8)
+
+    packed = pack_reference(randint(-1, 1, (n, k)).to(torch.int8))
+    exp = (randint(-128, 127, (n, g)) if exp_mode == "uniform" else pick((-128, -127, 0, 126, 127), (n, g))).to(torch.int8)
+    grad = torch.randn((n, k), generator=gen) * pick((1e-30, 1e-3, 1.0, 1e30), (n, k))
+    special = torch.rand((n, k), generator=gen) < (0.6 if grad_mode == "special" else 0.15)
+    grad = torch.where(special, pick(SPECIAL_GRADS, (n, k)).to(torch.float32), grad)
+    return packed, exp, accum((n, k), th), accum((n, g), the), grad
+
+
+@st.composite
+def cases(draw, max_n: int = 9, max_k: int = 70):
+    """(inputs, k, group_size, flip_threshold, exp_threshold)."""
+    n = draw(st.integers(1, max_n))
+    k = draw(st.one_of(st.sampled_from([x for x in SPECIAL_K if x <= max_k]), st.integers(1, max_k)))
+    gs, th, the = draw(st.sampled_from(GROUP_SIZES)), draw(THRESHOLDS), draw(THRESHOLDS)
+    modes = [draw(st.sampled_from(m)) for m in (("uniform", "edge"), ("uniform", "edge"), ("mixed", "special"))]
+    inputs = make_case(n, k, gs, th, the, *modes, seed=draw(st.integers(0, 2**31 - 1)))
+    return inputs, k, gs, th, the
+
+
+def assert_same(got, want) -> None:
+    names = ("packed", "exp", "t_accum", "e_accum", "flips", "exp_moves")
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, a.shape, b.dtype, b.shape)
+        assert torch.equal(a.cpu(), b.cpu()), f"{name} differs:\n{a}\n{b}"
+
+
+# ---------------------------------------------------------------- 1. Triton == reference
+
+
+@given(cases())
+def test_triton_matches_reference(kernel_device, case):
+    inputs, *ints = case
+    want = ternary_update_reference(*inputs, *ints)
+    dev_inputs = [x.to(kernel_device) for x in inputs]
+    got = ternary_update_triton(*dev_inputs, *ints)
+    assert_same(got, want)
+    for before, after in zip(inputs, dev_inputs):  # pure: inputs untouched
+        assert torch.equal(before, after.cpu()) or (before.is_floating_point() and
+                                                     torch.equal(before.isnan(), after.cpu().isnan()))
+
+
+@given(cases(max_n=4, max_k=40), st.sampled_from((torch.float16, torch.bfloat16)))
+def test_half_grads_vote_like_fp32(kernel_device, case, dtype):
+    """A half-precision grad votes exactly as its (exact) fp32 upcast, on both implementations."""
+    (packed, exp, ta, ea, grad), *ints = case
+    half = grad.to(dtype)
+    want = ternary_update_reference(packed, exp, ta, ea, half.to(torch.float32), *ints)
+    assert_same(ternary_update_reference(packed, exp, ta, ea, half, *ints), want)
+    dev = [x.to(kernel_device) for x in (packed, exp, ta, ea, half)]
+    assert_same(ternary_update_triton(*dev, *ints), want)
+
+
+# ---------------------------------------------------------------- 2. reference == plain-Python restatement
+
+
+def rule_by_loops(packed, exp, t_accum, e_accum, grad, k, gs, th, the):
+    """The update rule restated element by element in plain Python (independent of kernels.*)."""
+    P, E, TA, EA, GR = (x.tolist() for x in (packed, exp, t_accum, e_accum, grad))
+    kb, g = -(-k // 5), -(-k // gs)
+    out_p, out_e, out_ta, out_ea, flips, moves = [], [], [], [], 0, 0
+    for r in range(len(P)):
+        old = [(P[r][c // 5] // 3 ** (c % 5)) % 3 - 1 for c in range(k)]
+        sign = [1 if x > 0 else (-1 if x < 0 else 0) for x in GR[r]]  # NaN compares False both ways
+        new, accs = [], []
+        for c in range(k):
+            a, t = max(-th, min(th, TA[r][c] - sign[c])), old[c]
+            if a >= th and t < 1:
+                t, a = t + 1, 0
+            elif a <= -th and t > -1:
+                t, a = t - 1, 0
+            flips += t != old[c]
+            new.append(t)
+            accs.append(a)
+        digits = [t + 1 for t in new] + [1] * (5 * kb - k)
+        out_p.append([sum(digits[5 * b + i] * 3**i for i in range(5)) for b in range(kb)])
+        out_ta.append(accs)
+        es, bs = [], []
+        for j in range(g):
+            score = sum(sign[c] * old[c] for c in range(j * gs, min(k, (j + 1) * gs)))
+            e, b = E[r][j], max(-the, min(the, EA[r][j] - (score > 0) + (score < 0)))
+            if b >= the and e < 127:
+                e, b = e + 1, b - the
+            elif b <= -the and e > -128:
+                e, b = e - 1, b + the
+            moves += e != E[r][j]
+            es.append(e)
+            bs.append(b)
+        out_e.append(es)
+        out_ea.append(bs)
+    n = len(P)
+    return (torch.tensor(out_p, dtype=torch.uint8).reshape(n, kb), torch.tensor(out_e, dtype=torch.int8).reshape(n, g),
+            torch.tensor(out_ta, dtype=torch.int8).reshape(n, k), torch.tensor(out_ea, dtype=torch.int8).reshape(n, g),
+            torch.tensor(flips, dtype=torch.int64), torch.tensor(moves, dtype=torch.int64))
+
+
+@given(cases(max_n=4, max_k=40))
+def test_reference_matches_plain_python(case):
+    inputs, *ints = case
+    assert_same(ternary_update_reference(*inputs, *ints), rule_by_loops(*inputs, *ints))
+
+
+# ---------------------------------------------------------------- 3. invariants
+
+
+@given(cases())
+def test_outputs_are_valid_and_steps_are_small(kernel_device, case):
+    (packed, exp, ta, ea, grad), k, gs, th, the = case
+    dev = [x.to(kernel_device) for x in (packed, exp, ta, ea, grad)]
+    new_p, new_e, new_ta, new_ea, flips, moves = (x.cpu() for x in ternary_update(*dev, k, gs, th, the))
+    validate_packed(new_p, k)  # bytes <= 242, width, padding digits all 1 (zero trits)
+    if k % 5:
+        assert torch.all(new_p[:, -1].to(torch.int32) // 3 ** (k % 5) == 121 // 3 ** (k % 5))
+    old_t, new_t = unpack_reference(packed, k).to(torch.int32), unpack_reference(new_p, k).to(torch.int32)
+    assert torch.all((new_t - old_t).abs() <= 1)
+    assert torch.all((new_e.to(torch.int32) - exp.to(torch.int32)).abs() <= 1)
+    assert torch.all(new_ta.abs() <= th) and torch.all(new_ea.abs() <= the)
+    assert torch.all(new_ta[new_t != old_t] == 0)
+    assert flips.item() == int((new_t != old_t).sum()) and moves.item() == int((new_e != exp).sum())
+    assert flips.shape == () and moves.shape == () and flips.dtype == moves.dtype == torch.int64
+
+
+@given(cases(), st.sampled_from((0.0, math.nan)))
+def test_zero_or_nan_grad_changes_nothing(kernel_device, case, fill):
+    """On any state an update can produce (and on accumulators strictly inside), a silent grad is a no-op."""
+    inputs, k, gs, th, the = case
+    dev = [x.to(kernel_device) for x in inputs]
+    state = list(ternary_update(*dev, k, gs, th, the)[:4])
+    silent = torch.full_like(dev[4], fill)
+    inner = [dev[0], dev[1], dev[2].clamp(-th + 1, th - 1), dev[3].clamp(-the + 1, the - 1)]
+    for s in (state, inner):
+        out = ternary_update(*s, silent, k, gs, th, the)
+        assert_same(out, (*s, torch.tensor(0), torch.tensor(0)))
+
+
+def repeat(state, grad, times: int, k: int, gs: int, th: int, the: int):
+    """Apply the update ``times`` times with the same grad; returns (state, total flips, total moves)."""
+    flips = moves = 0
+    for _ in range(times):
+        *state, f, m = ternary_update(*state, grad, k, gs, th, the)
+        flips, moves = flips + f.item(), moves + m.item()
+    return state, flips, moves
+
+
+@given(cases(), st.one_of(st.integers(1, 24), st.just(127)), st.floats(1e-30, 1e30))
+def test_constant_negative_grad_flips_every_trit_up_after_theta_steps(kernel_device, case, th, mag):
+    (packed, exp, _, _, _), k, gs, _, the = case
+    n, dev = packed.shape[0], kernel_device
+    state = [packed.to(dev), exp.to(dev), torch.zeros((n, k), dtype=torch.int8, device=dev),
+             torch.zeros((n, n_groups(k, gs)), dtype=torch.int8, device=dev)]
+    grad = torch.full((n, k), -mag, device=dev)
+    old = unpack_reference(packed, k)
+    before, flips, _ = repeat(state, grad, th - 1, k, gs, th, the)
+    assert flips == 0 and torch.equal(before[0].cpu(), packed)
+    after, flips, _ = repeat(before, grad, 1, k, gs, th, the)
+    assert torch.equal(unpack_reference(after[0].cpu(), k), (old + 1).clamp(max=1))
+    assert flips == int((old < 1).sum())
+    assert torch.all(after[2].cpu() == torch.where(old < 1, 0, th))
+
+
+@given(cases(), st.sampled_from((-1, 1)), st.sampled_from((-1, 1)), st.one_of(st.integers(1, 24), st.just(127)),
+       st.floats(1e-30, 1e30))
+def test_uniform_trits_move_exponent_once_after_theta_e_steps(kernel_device, case, trit, sign, the, mag):
+    """All trits = ``trit`` and grad = ``sign * mag``: E moves by -trit*sign after exactly θE steps (saturating)."""
+    (_, exp, _, _, _), k, gs, _, _ = case
+    n, g, dev = exp.shape[0], exp.shape[1], kernel_device
+    packed = pack_reference(torch.full((n, k), trit, dtype=torch.int8))
+    state = [packed.to(dev), exp.to(dev), torch.zeros((n, k), dtype=torch.int8, device=dev),
+             torch.zeros((n, g), dtype=torch.int8, device=dev)]
+    grad, th = torch.full((n, k), sign * mag, device=dev), 127  # θ >= θE: trits hold until E has moved
+    before, _, moves = repeat(state, grad, the - 1, k, gs, th, the)
+    assert moves == 0 and torch.equal(before[1].cpu(), exp)
+    after, _, moves = repeat(before, grad, 1, k, gs, th, the)
+    want = (exp.to(torch.int32) - trit * sign).clamp(-128, 127)
+    assert torch.equal(after[1].cpu(), want.to(torch.int8))
+    assert moves == int((want != exp).sum())
+    saturated = want == exp
+    assert torch.all(after[3].cpu() == torch.where(saturated, -trit * sign * the, 0))
+
+
+def test_empty_rows(kernel_device):
+    inputs = [x.to(kernel_device) for x in make_case(0, 7, 4, 3, 3, "uniform", "uniform", "mixed", seed=0)]
+    for impl in (ternary_update, ternary_update_triton, ternary_update_reference):
+        out = impl(*inputs, 7, 4, 3, 3)
+        assert [tuple(x.shape) for x in out] == [(0, 2), (0, 2), (0, 7), (0, 2), (), ()]
+        assert out[4].item() == 0 and out[5].item() == 0
+
+
+# ---------------------------------------------------------------- 4. validation
+
+
+def _small():
+    return make_case(3, 13, 4, 5, 5, "uniform", "uniform", "mixed", seed=1), 13, 4, 5, 5
+
+
+def _bad_cases():
+    (p, e, ta, ea, gr), k, gs, th, the = _small()
+    ok = dict(packed=p, exp=e, t_accum=ta, e_accum=ea, grad=gr, k=k, group_size=gs, flip_threshold=th,
+              exp_threshold=the)
+    bad = {
+        "flip_threshold=0": dict(flip_threshold=0), "flip_threshold=128": dict(flip_threshold=128),
+        "exp_threshold=0": dict(exp_threshold=0), "exp_threshold=128": dict(exp_threshold=128),
+        "group_size=3": dict(group_size=3), "group_size=97": dict(group_size=97),
+        "k=0": dict(k=0, packed=p[:, :0], exp=e[:, :0], t_accum=ta[:, :0], e_accum=ea[:, :0], grad=gr[:, :0]),
+        "k too big": dict(k=14), "packed width": dict(packed=p[:, :2]), "packed 1-D": dict(packed=p[0]),
+        "exp groups": dict(exp=e[:, :3]), "exp rows": dict(exp=e[:2]), "exp dtype": dict(exp=e.to(torch.uint8)),
+        "t_accum cols": dict(t_accum=ta[:, :12]), "t_accum dtype": dict(t_accum=ta.to(torch.int32)),
+        "e_accum shape": dict(e_accum=ea[:, :1]), "grad shape": dict(grad=gr[:, :12]),
+        "grad int": dict(grad=gr.nan_to_num().to(torch.int32)), "packed dtype": dict(packed=p.to(torch.int8)),
+    }
+    return [pytest.param({**ok, **change}, id=name) for name, change in bad.items()]
+
+
+@pytest.mark.parametrize("args", _bad_cases())
+def test_bad_arguments_raise_value_error(kernel_device, args):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dev = {name: v.to(kernel_device) if isinstance(v, torch.Tensor) else v for name, v in args.items()}
+    for impl in (ternary_update, ternary_update_reference, ternary_update_triton):
+        with pytest.raises(ValueError):
+            impl(**dev)
+    with FakeTensorMode() as mode, pytest.raises(ValueError):  # the fake (what torch.compile traces) checks too
+        ternary_update(**{n: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for n, v in args.items()})
+
+
+def test_good_arguments_pass_the_fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inputs, *ints = _small()
+    want = ternary_update_reference(*inputs, *ints)
+    with FakeTensorMode() as mode:
+        out = ternary_update(*(mode.from_tensor(x) for x in inputs), *ints)
+        assert [(x.shape, x.dtype, x.stride()) for x in out] == [(x.shape, x.dtype, x.stride()) for x in want]
+
+
+# ---------------------------------------------------------------- 5. torch.compile
+
+
+@pytest.mark.slow
+def test_compiled_matches_eager():
+    k, gs, th, the = 37, 6, 2, 1
+    inputs = make_case(5, k, gs, th, the, "edge", "edge", "mixed", seed=3)
+
+    def two_steps(packed, exp, t_accum, e_accum, grad):
+        *state, f1, m1 = torch.ops.arbfn.ternary_update(packed, exp, t_accum, e_accum, grad, k, gs, th, the)
+        *state, f2, m2 = torch.ops.arbfn.ternary_update(*state, -grad, k, gs, th, the)
+        return (*state, f1 + f2, m1 + m2)
+
+    torch._dynamo.reset()
+    want = two_steps(*inputs)
+    assert want[4].item() > 0 and want[5].item() > 0  # the example exercises both rules
+    assert_same(torch.compile(two_steps, fullgraph=True)(*inputs), want)
+    torch.library.opcheck(torch.ops.arbfn.ternary_update.default, (*inputs, k, gs, th, the))
