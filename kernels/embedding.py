@@ -25,7 +25,7 @@ def embedding_fwd_reference(ids: torch.Tensor, packed: torch.Tensor, exp: torch.
     return (rows_t * scale).reshape(*ids.shape, dim)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "D", "KB", "G"])  # sizes vary per call: one compile, not one per size
 def _embedding_fwd_kernel(ids_ptr, packed_ptr, exp_ptr, out_ptr, R, D, KB, G, GS: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -33,7 +33,7 @@ def linear_bwd_x_reference(g: torch.Tensor, packed: torch.Tensor, exp: torch.Ten
 # ---------------------------------------------------------------- Triton kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K", "KB", "G"])  # sizes vary per call: one compile, not one per size
 def _linear_fwd_kernel(x_ptr, packed_ptr, exp_ptr, y_ptr, M, N, K, KB, G, GS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -48,7 +48,7 @@ def _linear_fwd_kernel(x_ptr, packed_ptr, exp_ptr, y_ptr, M, N, K, KB, G, GS: tl
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K", "KB", "G"])  # sizes vary per call: one compile, not one per size
 def _linear_bwd_x_kernel(g_ptr, packed_ptr, exp_ptr, out_ptr, M, N, K, KB, G, GS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

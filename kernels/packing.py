@@ -93,7 +93,7 @@ def decode_reference(packed: torch.Tensor, exp: torch.Tensor, k: int, group_size
 # ---------------------------------------------------------------- Triton kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "KB"])  # sizes vary per call: one compile, not one per size
 def _unpack_kernel(packed_ptr, out_ptr, K, KB, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -102,7 +102,7 @@ def _unpack_kernel(packed_ptr, out_ptr, K, KB, BLOCK_K: tl.constexpr):
     tl.store(out_ptr + row * K + cols, trit_of(byte, cols).to(tl.int8), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "KB"])  # sizes vary per call: one compile, not one per size
 def _pack_kernel(trits_ptr, out_ptr, K, KB, BLOCK_B: tl.constexpr):
     row = tl.program_id(0)
     bcols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)

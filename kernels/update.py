@@ -99,7 +99,7 @@ def _sign_of(grad_ptr, offs, mask):
     return (gr > 0.0).to(tl.int32) - (gr < 0.0).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NG", "K", "KB", "G", "THE"])  # sizes vary per call: one compile, not one per size
 def _exp_update_kernel(packed_ptr, exp_ptr, e_accum_ptr, grad_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr,
                        NG, K, KB, G, THE, GS: tl.constexpr, GS_P2: tl.constexpr, BLOCK_Q: tl.constexpr):
     pid = tl.program_id(0)
@@ -122,7 +122,7 @@ def _exp_update_kernel(packed_ptr, exp_ptr, e_accum_ptr, grad_ptr, new_exp_ptr, 
     tl.store(count_ptr + pid, tl.sum(tl.where(qmask, inc + dec, 0), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NKB", "K", "KB", "TH"])  # sizes vary per call: one compile, not one per size
 def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, new_packed_ptr, new_t_accum_ptr, count_ptr,
                  NKB, K, KB, TH, BLOCK_B: tl.constexpr):
     pid = tl.program_id(0)
