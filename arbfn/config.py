@@ -13,9 +13,89 @@ from typing import Any
 from arbfn.data import VOCAB_SIZE
 
 
+def _check_positive(obj: Any) -> None:
+    """Every int field of a config dataclass must be >= 1 (bools are switches, floats are checked apart)."""
+    for field in dataclasses.fields(obj):
+        v = getattr(obj, field.name)
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"{type(obj).__name__}.{field.name} must be >= 1, got {v}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VQConfig:
+    """Shared VQ codebook: ``n_codes`` ternary codes of ``code_dim``; exact lookup up to ``exact_limit`` codes,
+    candidate lookup (``n_candidates`` per query from the sign pattern) above."""
+
+    code_dim: int = 16
+    n_codes: int = 256
+    exact_limit: int = 65536
+    n_candidates: int = 64
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphConfig:
+    """Graph over the VQ codes: node width, out-edges per node, ACT hop limit."""
+
+    d_node: int = 32
+    edges_per_node: int = 4
+    max_hops: int = 3
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """MemGram slots, ConversationLSTM width, integer strength decay period (steps)."""
+
+    n_slots: int = 64
+    d_hidden: int = 32
+    decay_every: int = 16
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Experts, top-k routing, expert MLP width, ACT iteration limit, dense-dispatch token limit."""
+
+    n_experts: int = 4
+    top_k: int = 2
+    d_ff: int = 64
+    max_steps: int = 2
+    dense_limit: int = 128
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+        if self.top_k > self.n_experts:
+            raise ValueError(f"MoEConfig.top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsConfig:
+    """VideoHead denoise-loop limit, TalkerHead vocabulary (audio codec tokens) and repeat stride."""
+
+    video_max_steps: int = 4
+    talker_tokens: int = 289
+    talker_stride: int = 2
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the byte model: text sequencer -> causal ternary blocks -> byte head."""
+    """Shape of the ARB model and its switches.
+
+    Always present: text sequencer -> causal ternary blocks -> RMSNorm -> output router with byte head,
+    VideoHead and TalkerHead. Switches add the memory modules, the shared VQ (via the multimodal
+    bridge), the graph over VQ codes (needs VQ) and the MoE ACT stage; ``enable_image``/``enable_audio``
+    need the sidecar encoders.
+    """
 
     vocab_size: int = VOCAB_SIZE
     d_embed: int = 64
@@ -26,13 +106,37 @@ class ModelConfig:
     d_ff: int = 256
     max_context: int = 64
     group_size: int = 32
+    act_threshold: float = 0.99
+    enable_vq: bool = False
+    enable_graph: bool = False
+    enable_memory: bool = False
+    enable_moe: bool = False
+    enable_image: bool = False
+    enable_audio: bool = False
+    vq: VQConfig = VQConfig()
+    graph: GraphConfig = GraphConfig()
+    memory: MemoryConfig = MemoryConfig()
+    moe: MoEConfig = MoEConfig()
+    heads: HeadsConfig = HeadsConfig()
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            if getattr(self, field.name) < 1:
-                raise ValueError(f"ModelConfig.{field.name} must be >= 1, got {getattr(self, field.name)}")
+        _check_positive(self)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 < self.act_threshold <= 1.0:
+            raise ValueError(f"act_threshold must be in (0, 1], got {self.act_threshold}")
+        if self.enable_graph and not self.enable_vq:
+            raise ValueError("enable_graph needs enable_vq: graph nodes are VQ codes")
+        for flag in ("enable_image", "enable_audio"):
+            if getattr(self, flag):
+                raise ValueError(f"{flag} needs the frozen int8 sidecar encoders (sidecars/, the sidecar issue), "
+                                 "which are not built yet")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Inverse of ``dataclasses.asdict``; unknown or missing fields raise."""
+        subs = {"vq": VQConfig, "graph": GraphConfig, "memory": MemoryConfig, "moe": MoEConfig, "heads": HeadsConfig}
+        return cls(**{k: subs[k](**v) if k in subs else v for k, v in d.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +149,7 @@ class UpdateConfig:
       blew up within 50 steps (6.1 -> 240 nats); at 32 it trains smoothly (benchmarks/RESULTS.md).
     """
 
-    flip_threshold: int = 8
+    flip_threshold: int = 16
     exp_threshold: int = 32
 
     def __post_init__(self) -> None:
@@ -65,6 +169,7 @@ class TrainConfig:
     seed: int = 0
     held_out_fraction: float = 0.1
     eval_batches: int = 8
+    ponder_weight: float = 0.01  # weight of the ACT ponder cost (graph hops, MoE steps) in the loss
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.context < 2 or self.steps < 0:
@@ -92,12 +197,30 @@ class Config:
     def from_json(cls, text: str) -> "Config":
         """Inverse of :meth:`to_json`; unknown or missing fields raise."""
         d: dict[str, Any] = json.loads(text)
-        return cls(name=d["name"], model=ModelConfig(**d["model"]), update=UpdateConfig(**d["update"]),
+        return cls(name=d["name"], model=ModelConfig.from_dict(d["model"]), update=UpdateConfig(**d["update"]),
                    train=TrainConfig(**d["train"]))
 
 
 PRESETS: dict[str, Config] = {
-    "tiny": Config("tiny", ModelConfig(), UpdateConfig(), TrainConfig(batch_size=16, context=64, steps=200)),
+    "tiny": Config("tiny", ModelConfig(enable_vq=True, enable_graph=True, enable_memory=True, enable_moe=True),
+                   UpdateConfig(), TrainConfig(batch_size=16, context=64, steps=200)),
+    # The seeds' small text model with VQ, graph, memory, MoE and heads: about 40M ternary weights.
+    "small": Config("small", ModelConfig(
+        d_embed=128, d_model=512, n_layers=8, n_heads=8, d_ff=2048, max_context=256,
+        enable_vq=True, enable_graph=True, enable_memory=True, enable_moe=True,
+        vq=VQConfig(code_dim=32, n_codes=8192), graph=GraphConfig(d_node=64, edges_per_node=10, max_hops=3),
+        memory=MemoryConfig(n_slots=1024, d_hidden=256, decay_every=64),
+        moe=MoEConfig(n_experts=8, top_k=2, d_ff=1280, max_steps=4), heads=HeadsConfig(video_max_steps=16)),
+        UpdateConfig(), TrainConfig(batch_size=16, context=256, steps=1000)),
+    # The 3B target's shape, for counting only (`arbfn audit --preset 3b` allocates nothing).
+    "3b": Config("3b", ModelConfig(
+        d_embed=512, d_model=2048, n_layers=28, n_heads=16, d_ff=8192, max_context=2048,
+        enable_vq=True, enable_graph=True, enable_memory=True, enable_moe=True,
+        vq=VQConfig(code_dim=64, n_codes=10_000_000, n_candidates=256),
+        graph=GraphConfig(d_node=32, edges_per_node=10, max_hops=4),
+        memory=MemoryConfig(n_slots=65536, d_hidden=1024, decay_every=256),
+        moe=MoEConfig(n_experts=32, top_k=4, d_ff=2048, max_steps=4), heads=HeadsConfig(video_max_steps=50)),
+        UpdateConfig(), TrainConfig(batch_size=8, context=2048, steps=1000)),
 }
 
 

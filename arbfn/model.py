@@ -1,7 +1,10 @@
-"""The byte model: TextSequencer -> causal ternary blocks -> RMSNorm -> byte head (297 logits).
+"""The ARB model: text sequencer -> causal ternary blocks -> [memory] -> [shared VQ via the bridge]
+-> [graph hops over VQ codes] -> [MoE ACT] -> RMSNorm -> output router over byte / video / talker heads.
 
 The whole model is a :class:`State` pytree: integer parameters, an int64 step counter, and the
 :class:`ModelConfig` as static context, so ``apply_model(state, batch)`` needs nothing else.
+:func:`forward` returns everything a train step needs (:class:`ModelOutput`); :func:`update_counters`
+applies the integer counter learning (VQ usage, graph edge scores, memory strength) from its ``aux``.
 """
 
 from __future__ import annotations
@@ -14,14 +17,20 @@ import torch.utils._pytree as pytree
 
 from arbfn.config import Config, ModelConfig
 from arbfn.layers.block import block, init_block
+from arbfn.layers.bridge import bridge, init_bridge
+from arbfn.layers.graph import graph, init_graph, update_graph_counters
+from arbfn.layers.heads import init_output_router, init_talker_head, init_video_head, output_router
+from arbfn.layers.memory import init_memory, memory, update_memory_counters
+from arbfn.layers.moe import init_moe, moe_act
 from arbfn.layers.norm import init_rmsnorm, rmsnorm
 from arbfn.layers.text import init_text_sequencer, text_sequencer
+from arbfn.layers.vq import init_vq, update_vq_counters
 from arbfn.ternary import init_ternary, linear
 
 
 @dataclasses.dataclass(frozen=True)
 class State:
-    """Model parameters (a dict tree of ternary weights), the step counter, and the model config."""
+    """Model parameters (a dict tree of ternary weights and integer counters), the step counter, the config."""
 
     params: dict[str, Any]
     step: torch.Tensor
@@ -38,16 +47,41 @@ pytree.register_pytree_node(
 )
 
 
+@dataclasses.dataclass
+class ModelOutput:
+    """Byte logits [B,T,vocab], router probabilities [B,T,3], final hidden states [B,T,d] (the heads'
+    conditioning), the memory carry, and ``aux``: auxiliary losses (commitment, ponder) and the integer
+    evidence counters learn from (VQ indices, memory slots)."""
+
+    logits: torch.Tensor
+    router: torch.Tensor
+    hidden: torch.Tensor
+    carry: Any
+    aux: dict[str, torch.Tensor]
+
+
 def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = None) -> State:
     """Fresh state for ``cfg``; ``generator=None`` gives a shape-only state on the meta device."""
     m = cfg.model if isinstance(cfg, Config) else cfg
-    g, gs = generator, m.group_size
-    params = {
-        "text": init_text_sequencer(m.vocab_size, m.d_embed, m.window, m.d_model, gs, g),
-        "blocks": [init_block(m.d_model, m.d_ff, gs, g) for _ in range(m.n_layers)],
-        "norm": init_rmsnorm(m.d_model, gs, g),
-        "head": init_ternary(m.vocab_size, m.d_model, gs, g),
+    g, gs, d = generator, m.group_size, m.d_model
+    params: dict[str, Any] = {
+        "text": init_text_sequencer(m.vocab_size, m.d_embed, m.window, d, gs, g),
+        "blocks": [init_block(d, m.d_ff, gs, g) for _ in range(m.n_layers)],
     }
+    if m.enable_memory:
+        params["memory"] = init_memory(d, m.memory.n_slots, m.memory.d_hidden, gs, g)
+    if m.enable_vq:
+        params["bridge"] = init_bridge(d, ("text",), gs, g)
+        params["vq"] = init_vq(d, m.vq.code_dim, m.vq.n_codes, gs, g)
+    if m.enable_graph:
+        params["graph"] = init_graph(m.vq.n_codes, m.graph.d_node, d, m.graph.edges_per_node, gs, g)
+    if m.enable_moe:
+        params["moe"] = init_moe(d, m.moe.d_ff, m.moe.n_experts, gs, g)
+    params["norm"] = init_rmsnorm(d, gs, g)
+    params["router"] = init_output_router(d, gs, g)
+    params["head"] = init_ternary(m.vocab_size, d, gs, g)
+    params["video"] = init_video_head(d, m.heads.video_max_steps, gs, g)
+    params["talker"] = init_talker_head(d, gs, g, m.heads.talker_tokens)
     device = "meta" if generator is None else None
     return State(params, torch.zeros((), dtype=torch.int64, device=device), m)
 
@@ -70,11 +104,46 @@ def check_batch(batch: torch.Tensor, cfg: ModelConfig) -> None:
         raise ValueError(f"token ids must be in 0..{cfg.vocab_size - 1}, got range {lo}..{hi}")
 
 
-def apply_model(state: State, batch: torch.Tensor) -> torch.Tensor:
-    """Token ids [B, T] -> logits [B, T, vocab_size] (fp32)."""
+def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: bool = False) -> ModelOutput:
+    """Token ids [B, T] -> :class:`ModelOutput`. ``carry`` continues the conversation memory of the
+    previous segment; ``fixed_loops`` runs every halting loop for its full step count (compile-friendly)."""
     cfg, p = state.config, state.params
     check_batch(batch, cfg)
+    aux: dict[str, torch.Tensor] = {}
     x = text_sequencer(p["text"], batch, cfg.window)
     for bp in p["blocks"]:
         x = block(bp, x, cfg.n_heads)
-    return linear(p["head"], rmsnorm(p["norm"], x))
+    if cfg.enable_memory:
+        x, carry, mem_aux = memory(p["memory"], x, carry)
+        aux["memory_slots"] = mem_aux["slot_indices"]
+    if cfg.enable_vq:
+        b = bridge(p["bridge"], p["vq"], {"text": x}, exact_limit=cfg.vq.exact_limit,
+                   n_candidates=cfg.vq.n_candidates)
+        x = x + b.quantized
+        aux["vq_indices"], aux["commitment"] = b.indices, b.commitment
+    if cfg.enable_graph:
+        x, g_aux = graph(p["graph"], x, aux["vq_indices"], cfg.graph.max_hops, cfg.act_threshold, fixed=fixed_loops)
+        aux["graph_ponder"] = g_aux["ponder"]
+    if cfg.enable_moe:
+        x, m_aux = moe_act(p["moe"], x, cfg.moe.top_k, cfg.moe.max_steps, cfg.act_threshold, fixed=fixed_loops)
+        aux["moe_ponder"] = m_aux["ponder"]
+    h = rmsnorm(p["norm"], x)
+    return ModelOutput(linear(p["head"], h), output_router(p["router"], h), h, carry, aux)
+
+
+def apply_model(state: State, batch: torch.Tensor) -> torch.Tensor:
+    """Token ids [B, T] -> byte logits [B, T, vocab_size] (fp32)."""
+    return forward(state, batch).logits
+
+
+def update_counters(state: State, aux: dict[str, torch.Tensor]) -> State:
+    """The integer counter learning of one step: VQ usage, graph edge scores, memory strength and decay."""
+    cfg, p = state.config, dict(state.params)
+    if cfg.enable_vq:
+        p["vq"] = update_vq_counters(p["vq"], aux["vq_indices"])
+    if cfg.enable_graph:
+        p["graph"] = update_graph_counters(p["graph"], aux["vq_indices"])
+    if cfg.enable_memory:
+        p["memory"] = update_memory_counters(p["memory"], {"slot_indices": aux["memory_slots"]},
+                                             cfg.memory.decay_every, state.step)
+    return State(p, state.step, cfg)

@@ -16,45 +16,42 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from arbfn import data as data_mod
-from arbfn.config import Config, UpdateConfig
-from arbfn.model import State, apply_model
+from arbfn.config import Config, TrainConfig, UpdateConfig
+from arbfn.model import State, apply_model, update_counters
+from arbfn.objective import as_batch, byte_loss, objective
 from arbfn.ternary import attach_probes, is_ternary, make_probes, update_weight
 
 
 def loss_fn(state: State, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy in nats: logits[:, :-1] against batch[:, 1:]."""
-    if isinstance(batch, torch.Tensor) and batch.dim() == 2 and batch.shape[1] < 2:
-        raise ValueError(f"the loss needs at least 2 tokens per row (next-byte targets), "
-                         f"got shape {tuple(batch.shape)}")
-    logits = apply_model(state, batch)
-    v = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), batch[:, 1:].reshape(-1))
+    """Mean next-byte cross-entropy in nats of ``batch`` (ids [B, T]) under ``state``."""
+    ids = as_batch(batch)["bytes"]
+    return byte_loss(apply_model(state, ids), ids)
 
 
-def _probed_loss(probes: Any, state: State, batch: torch.Tensor) -> torch.Tensor:
-    return loss_fn(State(attach_probes(state.params, probes), state.step, state.config), batch)
+def _probed_objective(probes: Any, state: State, batch: Any, tc: TrainConfig):
+    return objective(State(attach_probes(state.params, probes), state.step, state.config), batch, tc)
 
 
-def gradient_signals(state: State, batch: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """(dL/dW for every trainable ternary weight as a tree mirroring the params, loss)."""
+def gradient_signals(state: State, batch: Any, tc: TrainConfig | None = None) -> tuple[Any, torch.Tensor, dict]:
+    """(dL/dW for every trainable ternary weight as a tree mirroring the params, loss, aux of the objective)."""
+    tc = tc or TrainConfig()
     leaves, spec = pytree.tree_flatten(make_probes(state.params))
     live = [i for i, p in enumerate(leaves) if p is not None]  # untrainable weights have no probe
 
-    def loss_of(live_probes: list[torch.Tensor]) -> torch.Tensor:
+    def loss_of(live_probes: list[torch.Tensor]):
         full = list(leaves)
         for i, p in zip(live, live_probes):
             full[i] = p
-        return _probed_loss(pytree.tree_unflatten(full, spec), state, batch)
+        return _probed_objective(pytree.tree_unflatten(full, spec), state, batch, tc)
 
-    grads, loss = torch.func.grad_and_value(loss_of)([leaves[i] for i in live])
+    grads, (loss, aux) = torch.func.grad_and_value(loss_of, has_aux=True)([leaves[i] for i in live])
     full = [None] * len(leaves)
     for i, g in zip(live, grads):
         full[i] = g
-    return pytree.tree_unflatten(full, spec), loss
+    return pytree.tree_unflatten(full, spec), loss, aux
 
 
 def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State, dict[str, torch.Tensor]]:
@@ -75,12 +72,15 @@ def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State,
 
 
 def train_step(state: State, batch: torch.Tensor, cfg: Config) -> tuple[State, dict[str, torch.Tensor]]:
-    """One pure training step: returns the new state and metrics (loss, flips, exp_moves) as tensors."""
+    """One pure training step: returns the new state and metrics as tensors (loss and its terms, flips,
+    exp_moves). Ternary weights learn by sign votes; integer counters by what the forward saw."""
     if cfg.model != state.config:
         raise ValueError("train_step: cfg.model differs from the state's model config")
-    grads, loss = gradient_signals(state, batch)
+    grads, loss, aux = gradient_signals(state, batch, cfg.train)
     new_state, stats = apply_update(state, grads, cfg.update)
-    return new_state, {"loss": loss.detach(), **stats}
+    new_state = update_counters(new_state, aux)
+    terms = {k: v for k, v in aux.items() if v.dim() == 0}
+    return new_state, {"loss": loss.detach(), **terms, **stats}
 
 
 @torch.no_grad()

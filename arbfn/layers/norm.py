@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from arbfn.ternary import TernaryWeight, decode, init_ternary
+from arbfn.ternary import TernaryWeight, init_ternary
+from kernels.rmsnorm import ternary_rmsnorm
 
 
 def init_rmsnorm(dim: int, group_size: int, generator: torch.Generator | None) -> TernaryWeight:
@@ -13,5 +14,7 @@ def init_rmsnorm(dim: int, group_size: int, generator: torch.Generator | None) -
 
 
 def rmsnorm(w: TernaryWeight, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / rms(x) * gain`` over the last dim."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * decode(w, x.dtype)[0]
+    """``x / rms(x) * gain`` over the last dim, through the ternary RMSNorm op (fp32 math, x's dtype out)."""
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"rmsnorm expects inputs with {w.in_features} features, got shape {tuple(x.shape)}")
+    return ternary_rmsnorm(x, w.packed, w.exp, w.probe, eps, w.group_size)

@@ -66,7 +66,7 @@ def test_audit_preset_json(capsys):
     assert main(["audit", "--preset", "tiny", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     expected = audit(init_model(preset("tiny"), torch.Generator().manual_seed(0)))
-    assert report["ternary_weights"] == expected["ternary_weights"] == 148_928
+    assert report["ternary_weights"] == expected["ternary_weights"] == 294_368
     assert report["state_bytes"] == expected["state_bytes"]
     assert report["trainable_float_params"] == 0 and report["sidecars"] == {}
 
@@ -75,13 +75,13 @@ def test_audit_checkpoint(run, capsys):
     ckpt = str(run[0] / "checkpoint.safetensors")
     assert main(["audit", "--checkpoint", ckpt]) == 0
     table = capsys.readouterr().out
-    assert "TOTAL" in table and "148,928" in table
+    assert "TOTAL" in table and "294,368" in table
     assert main(["audit", "--checkpoint", ckpt, "--json", "--strict"]) == 0
-    assert json.loads(capsys.readouterr().out)["ternary_weights"] == 148_928
+    assert json.loads(capsys.readouterr().out)["ternary_weights"] == 294_368
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["audit", "--preset", "nonexistent"], "unknown preset 'nonexistent'; known: tiny"),
+    (["audit", "--preset", "nonexistent"], "unknown preset 'nonexistent'; known: 3b, small, tiny"),
     (["train", "--preset", "nonexistent", "--steps", "1", "--quiet"], "unknown preset 'nonexistent'"),
     (["audit", "--checkpoint", "{tmp}/missing.safetensors"], "no checkpoint at"),
     (["generate", "--checkpoint", "{tmp}/missing.safetensors"], "no checkpoint at"),
@@ -115,4 +115,4 @@ def test_installed_console_script():
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["ternary_weights"] == 148_928 and report["trainable_float_params"] == 0
+    assert report["ternary_weights"] == 294_368 and report["trainable_float_params"] == 0

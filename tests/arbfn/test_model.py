@@ -10,7 +10,7 @@ from arbfn.model import State, apply_model, init_model
 from arbfn.ternary import TernaryWeight, is_ternary, validate_weight, weights
 
 CFG = preset("tiny")
-INTEGER_DTYPES = {torch.uint8, torch.int8, torch.int64}
+INTEGER_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -58,7 +58,8 @@ def test_state_structure(state):
     assert isinstance(state, State) and state.config == CFG.model
     assert state.step.dtype == torch.int64 and state.step.shape == () and int(state.step) == 0
     p = state.params
-    assert set(p) == {"text", "blocks", "norm", "head"} and len(p["blocks"]) == CFG.model.n_layers
+    assert set(p) == {"text", "blocks", "memory", "bridge", "vq", "graph", "moe", "norm", "router", "head", "video",
+                      "talker"} and len(p["blocks"]) == CFG.model.n_layers
     assert (p["head"].out_features, p["head"].in_features) == (VOCAB_SIZE, CFG.model.d_model)
     assert (p["text"]["embed"].out_features, p["text"]["embed"].in_features) == (VOCAB_SIZE, CFG.model.d_embed)
     for i, w in enumerate(weights(state.params)):
@@ -69,7 +70,9 @@ def test_state_structure(state):
 def test_no_float_tensor_anywhere_in_the_state(state):
     leaves = tensor_leaves(state)
     n_weights = len(weights(state.params))
-    assert len(leaves) == 4 * n_weights + 1  # packed, exp, t_accum, e_accum per weight, plus the step
+    counters = ("vq.usage", "graph.src", "graph.dst", "graph.attr", "graph.score", "memory.memgram.strength")
+    # packed, exp, t_accum, e_accum per weight, the integer counters, plus the step
+    assert len(leaves) == 4 * n_weights + len(counters) + 1
     bad = [(pytree.keystr(path), leaf.dtype) for path, leaf in pytree.tree_flatten_with_path(state)[0]
            if isinstance(leaf, torch.Tensor) and leaf.dtype not in INTEGER_DTYPES]
     assert bad == []

@@ -73,7 +73,7 @@ def test_train_step_is_pure_and_returns_a_new_state(batch):
     assert_bit_identical(state, before)  # the input state's tensors are unchanged
     assert isinstance(new, State) and new.config == state.config
     assert int(new.step) == 1 and int(state.step) == 0 and new.step.dtype == torch.int64
-    assert set(metrics) == {"loss", "flips", "exp_moves"}
+    assert set(metrics) == {"loss", "byte_loss", "router_loss", "commitment", "ponder", "flips", "exp_moves"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
     assert math.isfinite(float(metrics["loss"])) and not metrics["loss"].requires_grad
     assert int(metrics["flips"]) > 0 and int(metrics["exp_moves"]) > 0
@@ -85,7 +85,9 @@ def test_train_step_is_pure_and_returns_a_new_state(batch):
     moves = sum(int((a.exp != b.exp).sum()) for a, b in zip(weights(new.params), weights(state.params)))
     assert (flips, moves) == (int(metrics["flips"]), int(metrics["exp_moves"]))
     # loss is the pre-update loss of the input state
-    assert torch.allclose(metrics["loss"], loss_fn(state, batch))
+    assert torch.allclose(metrics["byte_loss"], loss_fn(state, batch))
+    terms = ("byte_loss", "router_loss", "commitment", "ponder")
+    assert torch.allclose(metrics["loss"], sum(metrics[k] for k in terms))
 
 
 def test_loss_is_next_byte_cross_entropy(batch):
@@ -97,14 +99,17 @@ def test_loss_is_next_byte_cross_entropy(batch):
 
 def test_gradient_signals_mirror_the_params(batch):
     state = init_model(TINY, gen(0))
-    grads, loss = gradient_signals(state, batch)
+    grads, loss, aux = gradient_signals(state, batch)
     ws = weights(state.params)
     gs = [g for g in pytree.tree_leaves(grads) if g is not None]
     assert len(gs) == len(ws)
     for w, g in zip(ws, gs):
         assert g.shape == (w.out_features, w.in_features) and g.dtype == torch.float32
-    assert sum(bool(g.any()) for g in gs) == len(gs), "every weight gets a non-zero gradient signal"
-    assert torch.allclose(loss, loss_fn(state, batch))
+    # a text-only batch trains everything but the video and talker heads (their losses need their targets)
+    named = [(pytree.keystr(k), g) for k, g in pytree.tree_flatten_with_path(grads)[0] if g is not None]
+    silent = sorted(k for k, g in named if not bool(g.any()))
+    assert silent and all(k.startswith(("['video']", "['talker']")) for k in silent), silent
+    assert torch.allclose(aux["byte_loss"], loss_fn(state, batch)) and loss > aux["byte_loss"]
 
 
 def test_every_step_stays_in_integer_ranges(corpus):
@@ -139,7 +144,7 @@ def test_untrainable_weights_get_no_gradient_and_stay_frozen(batch):
     state = init_model(cfg, gen(0))
     head = dataclasses.replace(state.params["head"], t_accum=None, e_accum=None)  # inference-only weight
     state = State({**state.params, "head": head}, state.step, state.config)
-    grads, _ = gradient_signals(state, batch)
+    grads, _, _ = gradient_signals(state, batch)
     assert grads["head"] is None and grads["norm"] is not None
     new, m = train_step(state, batch, cfg)
     assert new.params["head"] is head
@@ -153,20 +158,20 @@ def test_untrainable_weights_get_no_gradient_and_stay_frozen(batch):
 
 @pytest.fixture(scope="module")
 def learning_run(corpus):
-    """The tiny preset as configured (flip 8, exp 32, batch 16, context 64) for LEARNING_STEPS steps."""
+    """The tiny preset as configured (flip 16, exp 32, batch 16, context 64) for LEARNING_STEPS steps."""
     cfg = with_train(TINY, steps=LEARNING_STEPS)
     assert (cfg.update.flip_threshold, cfg.update.exp_threshold, cfg.train.batch_size, cfg.train.context) == \
-        (8, 32, 16, 64)
+        (16, 32, 16, 64)
     init = init_model(cfg, gen(cfg.train.seed))
     final, history = train(cfg, init, corpus)
     return cfg, init, final, history
 
 
 def test_tiny_learns(learning_run):
-    # measured on CPU: 6.08 nats at step 1, a plateau while the first votes gather (flip_threshold 8), then
-    # ~3.3 by step 20 and ~3.25 mean over steps 36..40 (-47%); the bar is -20%
+    # measured on CPU (tiny: VQ, graph, memory, MoE on): next-byte loss 6.0 nats at step 1, a plateau while the
+    # first votes gather (flip_threshold 16), then ~3.6 by steps 36..40 (-40%); the bar is -20%
     cfg, _, final, history = learning_run
-    losses = [h["loss"] for h in history]
+    losses = [h["byte_loss"] for h in history]
     assert len(losses) == LEARNING_STEPS and all(math.isfinite(x) for x in losses)
     assert [h["step"] for h in history] == list(range(1, LEARNING_STEPS + 1))
     assert sum(h["flips"] for h in history) > 0

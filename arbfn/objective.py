@@ -1,0 +1,63 @@
+"""The training objective: next-byte cross-entropy plus the auxiliary terms of the enabled components.
+
+A batch is token ids [B, T] or a dict with ``"bytes"`` and optionally
+``"video_latent"`` (B,16,1,32,32), ``"video_noise"`` (same shape) and ``"video_step"`` (int64 [B]) for the
+VideoHead's noise-prediction loss, and ``"audio_tokens"`` (int64 [B, L]) for the TalkerHead. Noise is part
+of the batch so that a step stays a pure function of state and batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from arbfn.config import TrainConfig
+from arbfn.layers.heads import talker_head, video_loss
+from arbfn.model import State, forward
+
+ROUTER_BYTE = 0  # index of the byte head in the output router
+
+
+def as_batch(batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Normalise a batch to the dict form; the byte rows need at least 2 tokens (next-byte targets)."""
+    b = {"bytes": batch} if isinstance(batch, torch.Tensor) else dict(batch)
+    if "bytes" not in b:
+        raise ValueError(f"a batch dict needs 'bytes' (token ids), got keys {sorted(b)}")
+    ids = b["bytes"]
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] < 2:
+        raise ValueError(f"the loss needs at least 2 tokens per row (next-byte targets), got shape {tuple(ids.shape)}")
+    unknown = set(b) - {"bytes", "video_latent", "video_noise", "video_step", "audio_tokens"}
+    if unknown:
+        raise ValueError(f"unknown batch keys {sorted(unknown)}")
+    return b
+
+
+def byte_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy in nats: logits[:, :-1] against ids[:, 1:]."""
+    v = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
+
+
+def objective(state: State, batch: Any, tc: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(total loss, aux): aux holds each loss term (detached) and the counters' evidence (VQ indices, slots)."""
+    b = as_batch(batch)
+    out = forward(state, b["bytes"])
+    terms = {"byte_loss": byte_loss(out.logits, b["bytes"]),
+             "router_loss": -torch.log(out.router[..., ROUTER_BYTE].clamp_min(1e-6)).mean()}
+    if "commitment" in out.aux:
+        terms["commitment"] = out.aux["commitment"]
+    ponder = [out.aux[k] for k in ("graph_ponder", "moe_ponder") if k in out.aux]
+    if ponder:
+        terms["ponder"] = tc.ponder_weight * torch.stack([p.float() for p in ponder]).sum()
+    p, heads = state.params, state.config.heads
+    if "video_latent" in b:
+        terms["video_loss"] = video_loss(p["video"], out.hidden, b["video_latent"], b["video_noise"], b["video_step"])
+    if "audio_tokens" in b:
+        target = b["audio_tokens"]
+        logits, _ = talker_head(p["talker"], out.hidden, heads.talker_stride, target.shape[1])
+        terms["talker_loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+    loss = torch.stack(list(terms.values())).sum()
+    evidence = {k: out.aux[k] for k in ("vq_indices", "memory_slots") if k in out.aux}
+    return loss, {**{k: v.detach() for k, v in terms.items()}, **evidence}

@@ -1,0 +1,225 @@
+"""Ternary RMSNorm: ``y = x * rsqrt(mean(x**2) + eps) * gain`` with ``gain = T * 2**E`` decoded in the kernel.
+
+Ops: ``arbfn::rmsnorm_fwd`` (x [..., D] -> y [..., D], fp32 math, x's dtype) and ``arbfn::rmsnorm_bwd``
+(dL/dy -> (dL/dx [..., D], dL/dgain [1, D] fp32 summed over all rows)). The gain is a [1, D] ternary
+weight; its gradient reaches the update through the probe of :func:`ternary_rmsnorm`. The Triton
+kernels hold a block of whole rows per program (``BLOCK_D`` = next power of two >= D, D <= 8192).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._triton import cdiv, check_launchable, decode_tile
+from kernels._vmap import activation_vmap_rule
+from kernels.packing import decode_reference, n_groups, packed_width
+
+MAX_TRITON_DIM = 8192
+
+# ---------------------------------------------------------------- references
+
+
+def _gain(packed: torch.Tensor, exp: torch.Tensor, d: int, group_size: int) -> torch.Tensor:
+    return decode_reference(packed, exp, d, group_size)[0]
+
+
+def rmsnorm_fwd_reference(x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, eps: float, group_size: int
+                          ) -> torch.Tensor:
+    """Pure-torch forward in fp32; output in x's dtype."""
+    xf = x.to(torch.float32)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (xf * r * _gain(packed, exp, x.shape[-1], group_size)).to(x.dtype)
+
+
+def rmsnorm_bwd_reference(g: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, eps: float,
+                          group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch (dL/dx in x's dtype, dL/dgain [1, D] fp32): ``dx = r * (g*gain - xhat * mean(g*gain*xhat))``."""
+    d = x.shape[-1]
+    xf, gf = x.to(torch.float32), g.to(torch.float32)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    xhat = xf * r
+    gg = gf * _gain(packed, exp, d, group_size)
+    grad_x = r * (gg - xhat * (gg * xhat).mean(-1, keepdim=True))
+    grad_gain = (gf * xhat).reshape(-1, d).sum(0, keepdim=True)
+    return grad_x.to(x.dtype), grad_gain
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _gain_row(packed_ptr, exp_ptr, cols, D, KB, G, GS: tl.constexpr):
+    """The decoded gain as a [1, BLOCK_D] fp32 tile (zero past D)."""
+    row = tl.zeros((1,), tl.int32)
+    return decode_tile(packed_ptr, exp_ptr, row, cols, row == 0, D, KB, G, GS)
+
+
+@triton.jit(do_not_specialize=["M", "D", "KB", "G"])  # sizes vary per call: one compile per BLOCK_D
+def _rmsnorm_fwd_kernel(x_ptr, packed_ptr, exp_ptr, y_ptr, M, D, KB, G, eps, GS: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < M) & (cols[None, :] < D)
+    offs = rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    y = x * r[:, None] * _gain_row(packed_ptr, exp_ptr, cols, D, KB, G, GS)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "D", "KB", "G"])  # sizes vary per call: one compile per BLOCK_D
+def _rmsnorm_bwd_kernel(g_ptr, x_ptr, packed_ptr, exp_ptr, dx_ptr, dgain_ptr, M, D, KB, G, eps,
+                        GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dL/dx per row; this program's partial dL/dgain (a sum over its rows) into row ``pid`` of ``dgain``."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < M) & (cols[None, :] < D)
+    offs = rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    xhat = x * r[:, None]
+    gg = g * _gain_row(packed_ptr, exp_ptr, cols, D, KB, G, GS)
+    dx = r[:, None] * (gg - xhat * (tl.sum(gg * xhat, axis=1) / D)[:, None])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgain_ptr + pid * D + cols, tl.sum(g * xhat, axis=0), mask=cols < D)
+
+
+def _blocks(d: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D): whole rows per program, about 4096 elements per tile."""
+    if d > MAX_TRITON_DIM:
+        raise ValueError(f"the Triton RMSNorm kernels handle D <= {MAX_TRITON_DIM}, got D = {d}")
+    block_d = triton.next_power_of_2(d)
+    return max(1, min(16, 4096 // block_d)), block_d
+
+
+def rmsnorm_fwd_triton(x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, eps: float, group_size: int
+                       ) -> torch.Tensor:
+    """Launch the forward kernel; x [..., D] -> [..., D] in x's dtype."""
+    check_launchable(x, packed, exp)
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d).contiguous()
+    m = x2.shape[0]
+    y = torch.empty_like(x2)
+    if y.numel():
+        br, bd = _blocks(d)
+        _rmsnorm_fwd_kernel[(cdiv(m, br),)](x2, packed.contiguous(), exp.contiguous(), y, m, d, packed_width(d),
+                                             n_groups(d, group_size), eps, GS=group_size, BLOCK_R=br, BLOCK_D=bd)
+    return y.reshape(x.shape)
+
+
+def rmsnorm_bwd_triton(g: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, eps: float,
+                       group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel; per-program gain partials are summed here (deterministic)."""
+    check_launchable(g, x, packed, exp)
+    d = x.shape[-1]
+    x2, g2 = x.reshape(-1, d).contiguous(), g.reshape(-1, d).contiguous()
+    m = x2.shape[0]
+    dx = torch.empty_like(x2)
+    if not x2.numel():
+        return dx.reshape(x.shape), torch.zeros((1, d), dtype=torch.float32, device=x.device)
+    br, bd = _blocks(d)
+    partial = torch.empty((cdiv(m, br), d), dtype=torch.float32, device=x.device)
+    _rmsnorm_bwd_kernel[(cdiv(m, br),)](g2, x2, packed.contiguous(), exp.contiguous(), dx, partial, m, d,
+                                         packed_width(d), n_groups(d, group_size), eps, GS=group_size,
+                                         BLOCK_R=br, BLOCK_D=bd)
+    return dx.reshape(x.shape), partial.sum(0, keepdim=True)
+
+
+# ---------------------------------------------------------------- ops
+
+
+@torch.library.custom_op("arbfn::rmsnorm_fwd", mutates_args=())
+def rmsnorm_fwd(x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, eps: float, group_size: int
+                ) -> torch.Tensor:
+    """``x * rsqrt(mean(x**2) + eps) * (T * 2**E)`` over the last dim."""
+    return rmsnorm_fwd_reference(x, packed, exp, eps, group_size)
+
+
+@rmsnorm_fwd.register_kernel("cuda")
+def _(x, packed, exp, eps, group_size):
+    return rmsnorm_fwd_triton(x, packed, exp, eps, group_size)
+
+
+@rmsnorm_fwd.register_fake
+def _(x, packed, exp, eps, group_size):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("arbfn::rmsnorm_bwd", mutates_args=())
+def rmsnorm_bwd(g: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, eps: float,
+                group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dgain [1, D] fp32 summed over all rows) for upstream gradient ``g``."""
+    return rmsnorm_bwd_reference(g, x, packed, exp, eps, group_size)
+
+
+@rmsnorm_bwd.register_kernel("cuda")
+def _(g, x, packed, exp, eps, group_size):
+    return rmsnorm_bwd_triton(g, x, packed, exp, eps, group_size)
+
+
+@rmsnorm_bwd.register_fake
+def _(g, x, packed, exp, eps, group_size):
+    return torch.empty_like(x), x.new_empty((1, x.shape[-1]), dtype=torch.float32)
+
+
+def _bwd_vmap_rule(info, in_dims, g, x, packed, exp, eps, group_size):
+    """One launch per sample: each sample needs its own dL/dgain sum (per-sample gradients)."""
+    args = (g, x, packed, exp)
+    outs = [rmsnorm_bwd(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)], eps, group_size)
+            for i in range(info.batch_size)]
+    return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+
+
+torch.library.register_vmap("arbfn::rmsnorm_fwd", activation_vmap_rule(rmsnorm_fwd))
+torch.library.register_vmap("arbfn::rmsnorm_bwd", _bwd_vmap_rule)
+
+
+# ---------------------------------------------------------------- autograd
+
+
+class _TernaryRMSNorm(torch.autograd.Function):
+    """Split-style Function: forward/backward call only ops (see kernels/__init__.py)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, packed, exp, probe, eps, group_size):
+        return rmsnorm_fwd(x, packed, exp, eps, group_size)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, packed, exp, probe, eps, group_size = inputs
+        ctx.save_for_backward(x, packed, exp)
+        ctx.eps, ctx.group_size = eps, group_size
+        ctx.probe_dtype = probe.dtype if probe is not None else None
+
+    @staticmethod
+    def backward(ctx, g):
+        x, packed, exp = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
+            return None, None, None, None, None, None
+        with torch.no_grad():
+            grad_x, grad_gain = rmsnorm_bwd(g, x, packed, exp, ctx.eps, ctx.group_size)
+        grad_x = grad_x if ctx.needs_input_grad[0] else None
+        grad_gain = grad_gain.to(ctx.probe_dtype) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_gain, None, None
+
+
+def ternary_rmsnorm(x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, probe: torch.Tensor | None,
+                    eps: float, group_size: int) -> torch.Tensor:
+    """Differentiable ternary RMSNorm over the last dim of ``x``. ``probe`` ([1, D] zeros or None; its values
+    are ignored) receives ``dL/dgain`` as its gradient."""
+    d = x.shape[-1]
+    if packed.dim() != 2 or tuple(packed.shape) != (1, packed_width(d)):
+        raise ValueError(f"RMSNorm gain for D = {d} needs packed [1, {packed_width(d)}], got {tuple(packed.shape)}")
+    if exp.dim() != 2 or tuple(exp.shape) != (1, n_groups(d, group_size)):
+        raise ValueError(f"RMSNorm gain for D = {d} needs exp [1, {n_groups(d, group_size)}], got {tuple(exp.shape)}")
+    if probe is not None and tuple(probe.shape) != (1, d):
+        raise ValueError(f"RMSNorm probe must be [1, {d}], got {tuple(probe.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"RMSNorm needs a floating-point input, got {x.dtype}")
+    return _TernaryRMSNorm.apply(x, packed, exp, probe, eps, group_size)
