@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from arbfn.config import Config, ModelConfig
@@ -117,7 +118,8 @@ def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: b
         x, carry, mem_aux = memory(p["memory"], x, carry)
         aux["memory_slots"] = mem_aux["slot_indices"]
     if cfg.enable_vq:
-        b = bridge(p["bridge"], p["vq"], {"text": x}, exact_limit=cfg.vq.exact_limit,
+        # the residual stream grows with depth: quantize its direction (a parameter-free RMS normalisation)
+        b = bridge(p["bridge"], p["vq"], {"text": F.rms_norm(x, (cfg.d_model,))}, exact_limit=cfg.vq.exact_limit,
                    n_candidates=cfg.vq.n_candidates)
         x = x + b.quantized
         aux["vq_indices"], aux["commitment"] = b.indices, b.commitment

@@ -31,6 +31,13 @@ def as_batch(batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.T
     unknown = set(b) - {"bytes", "video_latent", "video_noise", "video_step", "audio_tokens"}
     if unknown:
         raise ValueError(f"unknown batch keys {sorted(unknown)}")
+    video = {"video_latent", "video_noise", "video_step"} & set(b)
+    if video and len(video) != 3:
+        raise ValueError(f"video training needs video_latent, video_noise and video_step together, got {sorted(video)}")
+    if not torch.compiler.is_compiling():
+        for k, v in b.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"batch[{k!r}] holds NaN or infinite values")
     return b
 
 
