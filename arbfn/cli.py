@@ -1,4 +1,4 @@
-"""``arbfn train | generate | audit``: the command line."""
+"""``arbfn train | generate | audit | export | compare``: the command line."""
 
 from __future__ import annotations
 
@@ -55,12 +55,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Sample bytes from a checkpoint."""
+    """Sample bytes from a checkpoint, or from an AOT-compiled package (--compiled: a fixed window of its seq_len)."""
     from arbfn import checkpoint
-    from arbfn.generate import generate
+    from arbfn.generate import generate, generate_compiled
+
+    if args.compiled:
+        if args.window is not None:
+            raise ValueError("--window is fixed by the compiled package (its seq_len); drop --window")
+        print(generate_compiled(args.compiled, args.prompt, args.max_bytes, args.temperature, args.seed))
+        return 0
+    state = checkpoint.load(args.checkpoint, _device(args.device))
+    print(generate(state, args.prompt, args.max_bytes, args.temperature, args.seed, args.window))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """AOT-compile a checkpoint's forward for ids of shape [--batch-size, --seq-len] into a .pt2 package."""
+    from arbfn import checkpoint
+    from arbfn.export import export_model
 
     state = checkpoint.load(args.checkpoint, _device(args.device))
-    print(generate(state, args.prompt, args.max_bytes, args.temperature, args.seed))
+    print(f"wrote {export_model(state, args.batch_size, args.seq_len, args.out)}")
     return 0
 
 
@@ -82,6 +97,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train a preset's byte path ternary and as a float twin; table, compare.png and compare.json in --out."""
+    from arbfn import data
+    from arbfn.compare import compare, format_table, write_outputs
+    from arbfn.config import preset
+
+    cfg = preset(args.preset)
+    on_eval = None if args.json else lambda s, t, f: print(f"step {s}: ternary {t:.4f}  float {f:.4f} bits/byte",
+                                                            file=sys.stderr)
+    result = compare(cfg, data.load_corpus(args.corpus), args.steps, args.eval_every, args.lr, on_eval=on_eval)
+    png, js = write_outputs(result, Path(args.out or f"runs/compare-{cfg.name}"))
+    print(json.dumps(result, indent=2) if args.json else f"{format_table(result)}\nwrote {png}, {js}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     p = argparse.ArgumentParser(prog="arbfn", description="True-ternary ARB network: train, sample, audit.")
@@ -98,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
-    g = sub.add_parser("generate", help="sample bytes from a checkpoint")
-    g.add_argument("--checkpoint", required=True)
+    g = sub.add_parser("generate", help="sample bytes from a checkpoint or a compiled package")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint")
+    src.add_argument("--compiled", help="a .pt2 package from `arbfn export` (batch size 1)")
+    g.add_argument("--window", type=int, help="feed exactly this many ids per step, left-padded (as --compiled does)")
     g.add_argument("--prompt", default="")
     g.add_argument("--max-bytes", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8)
@@ -107,12 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.set_defaults(fn=cmd_generate)
 
+    e = sub.add_parser("export", help="AOT-compile a checkpoint's forward (AOTInductor .pt2, fixed input shape)")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", required=True, help="the .pt2 package to write")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--seq-len", type=int, default=64)
+    e.add_argument("--device", default="cpu", help="cpu or cuda: the device the package runs on")
+    e.set_defaults(fn=cmd_export)
+
     a = sub.add_parser("audit", help="count ternary weights, state bytes and float tensors")
     a.add_argument("--preset")
     a.add_argument("--checkpoint")
     a.add_argument("--json", action="store_true")
     a.add_argument("--strict", action="store_true", help="fail on any float tensor in the core state")
     a.set_defaults(fn=cmd_audit)
+
+    c = sub.add_parser("compare", help="ternary training vs its float twin (byte path): held-out bits/byte")
+    c.add_argument("--preset", default="tiny")
+    c.add_argument("--steps", type=int, help="training steps for both (default: the preset's)")
+    c.add_argument("--eval-every", type=int, default=20, help="held-out evaluation period in steps")
+    c.add_argument("--lr", type=float, default=3e-3, help="the float twin's AdamW learning rate")
+    c.add_argument("--out", help="output folder (default runs/compare-<preset>)")
+    c.add_argument("--corpus", help="a text file instead of the embedded default")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.set_defaults(fn=cmd_compare)
     return p
 
 

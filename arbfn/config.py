@@ -149,7 +149,7 @@ class UpdateConfig:
       blew up within 50 steps (6.1 -> 240 nats); at 32 it trains smoothly (benchmarks/RESULTS.md).
     """
 
-    flip_threshold: int = 16
+    flip_threshold: int = 8
     exp_threshold: int = 32
 
     def __post_init__(self) -> None:

@@ -127,7 +127,8 @@ def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: b
         x, g_aux = graph(p["graph"], x, aux["vq_indices"], cfg.graph.max_hops, cfg.act_threshold, fixed=fixed_loops)
         aux["graph_ponder"] = g_aux["ponder"]
     if cfg.enable_moe:
-        x, m_aux = moe_act(p["moe"], x, cfg.moe.top_k, cfg.moe.max_steps, cfg.act_threshold, fixed=fixed_loops)
+        x, m_aux = moe_act(p["moe"], x, cfg.moe.top_k, cfg.moe.max_steps, cfg.act_threshold, fixed=fixed_loops,
+                           dense_limit=cfg.moe.dense_limit)
         aux["moe_ponder"] = m_aux["ponder"]
     h = rmsnorm(p["norm"], x)
     return ModelOutput(linear(p["head"], h), output_router(p["router"], h), h, carry, aux)

@@ -18,8 +18,13 @@ def plot_loss(history: list[dict[str, float]], path: Path, title: str) -> Path:
     if "held_out_bpb" in last:
         ax.axhline(last["held_out_bpb"] * 0.6931471805599453, color="C1", ls="--",
                    label=f"held-out {last['held_out_bpb']:.3f} bits/byte")
+    return save_figure(fig, ax, "loss (nats/byte)", title, path)
+
+
+def save_figure(fig, ax, ylabel: str, title: str, path: Path) -> Path:
+    """Label a per-step plot (x = step), add grid and legend, write it as PNG and close it."""
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/byte)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
