@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar = tqdm(total=cfg.train.steps, desc=f"train {cfg.name}", unit="step", disable=args.quiet)
 
     def on_step(i: int, row: dict[str, float]) -> None:
-        bar.set_postfix(loss=f"{row['loss']:.3f}", bytes_per_s=f"{row['bytes_per_s']:,.0f}", flips=int(row["flips"]))
+        bar.set_postfix(loss=f"{row['byte_loss']:.3f}", bytes_per_s=f"{row['bytes_per_s']:,.0f}", flips=int(row["flips"]))
         bar.update(1)
 
     state, history = train(cfg, state, corpus, out, on_step)
@@ -47,8 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     ckpt = checkpoint.save(state, out / "checkpoint.safetensors", cfg)
     plot_loss(history, out / "loss.png", f"arbfn {cfg.name}: ternary sign-vote training")
     if history:
-        first, last = history[0]["loss"], history[-1]["loss"]
-        print(f"loss {first:.3f} -> {last:.3f} nats/byte over {len(history)} steps; "
+        first, last = history[0]["byte_loss"], history[-1]["byte_loss"]
+        print(f"next-byte loss {first:.3f} -> {last:.3f} nats over {len(history)} steps; "
               f"held-out {history[-1].get('held_out_bpb', float('nan')):.3f} bits/byte")
     print(f"wrote {ckpt}, {out / 'metrics.jsonl'}, {out / 'loss.png'}")
     return 0

@@ -11,9 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_loss(history: list[dict[str, float]], path: Path, title: str) -> Path:
-    """Write a PNG of training loss (nats) per step, marking the final held-out bits/byte if present."""
+    """Write a PNG of the next-byte loss and the whole objective per step, marking the final held-out loss."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="train loss (nats/byte)")
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["byte_loss"] for h in history], lw=1, label="train next-byte loss (nats)")
+    ax.plot(steps, [h["loss"] for h in history], lw=0.8, alpha=0.5, label="total objective (all terms)")
     last = history[-1] if history else {}
     if "held_out_bpb" in last:
         ax.axhline(last["held_out_bpb"] * 0.6931471805599453, color="C1", ls="--",
