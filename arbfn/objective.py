@@ -47,10 +47,12 @@ def byte_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
 
 
-def objective(state: State, batch: Any, tc: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(total loss, aux): aux holds each loss term (detached) and the counters' evidence (VQ indices, slots)."""
+def objective(state: State, batch: Any, tc: TrainConfig, fixed_loops: bool = False
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(total loss, aux): aux holds each loss term (detached) and the counters' evidence (VQ indices, slots).
+    ``fixed_loops`` runs the halting loops for their full step count (what a compiled step traces)."""
     b = as_batch(batch)
-    out = forward(state, b["bytes"])
+    out = forward(state, b["bytes"], fixed_loops=fixed_loops)
     terms = {"byte_loss": byte_loss(out.logits, b["bytes"]),
              "router_loss": -torch.log(out.router[..., ROUTER_BYTE].clamp_min(1e-6)).mean()}
     if "commitment" in out.aux:

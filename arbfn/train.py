@@ -77,6 +77,12 @@ def train_step(state: State, batch: torch.Tensor, cfg: Config) -> tuple[State, d
     if cfg.model != state.config:
         raise ValueError("train_step: cfg.model differs from the state's model config")
     grads, loss, aux = gradient_signals(state, batch, cfg.train)
+    return finish_step(state, grads, loss, aux, cfg)
+
+
+def finish_step(state: State, grads: Any, loss: torch.Tensor, aux: dict[str, torch.Tensor], cfg: Config
+                ) -> tuple[State, dict[str, torch.Tensor]]:
+    """The part of a step after the gradients: sign-vote update, counter learning, metrics."""
     new_state, stats = apply_update(state, grads, cfg.update)
     new_state = update_counters(new_state, aux)
     terms = {k: v for k, v in aux.items() if v.dim() == 0}

@@ -1,0 +1,49 @@
+"""A compiled train step: the objective (forward with fixed-step halting loops, all loss terms) runs as
+one ``torch.compile(fullgraph=True)`` graph with its AOTAutograd backward; the sign-vote update and the
+counter learning run after it as in :func:`arbfn.train.train_step`.
+
+Gradients are taken with ``torch.autograd.grad`` *outside* the compiled function: on torch 2.13
+``torch.compile(torch.func.grad(f))`` silently returns zero probe gradients and
+``torch.func.grad(torch.compile(f))`` is unsupported (kernels/__init__.py). The step is still a function of
+(state, batch) only: the probes are fresh zero leaves made inside each call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from arbfn.config import Config
+from arbfn.model import State
+from arbfn.objective import objective
+from arbfn.ternary import attach_probes, make_probes
+from arbfn.train import finish_step
+
+
+class CompiledTrainStep:
+    """``step(state, batch) -> (new_state, metrics)`` for one config, compiled on first use per batch shape.
+
+    The MoE's sparse dispatch (``B*T > moe.dense_limit``) is data-dependent; with ``fullgraph=True`` such
+    batches fail to trace, so pass ``fullgraph=False`` to let them break the graph there.
+    """
+
+    def __init__(self, cfg: Config, fullgraph: bool = True):
+        self.cfg = cfg
+        self._objective = torch.compile(self._probed_objective, fullgraph=fullgraph)
+
+    def _probed_objective(self, probes: Any, state: State, batch: Any):
+        probed = State(attach_probes(state.params, probes), state.step, state.config)
+        return objective(probed, batch, self.cfg.train, fixed_loops=True)
+
+    def __call__(self, state: State, batch: Any) -> tuple[State, dict[str, torch.Tensor]]:
+        if self.cfg.model != state.config:
+            raise ValueError("CompiledTrainStep: the state's model config differs from the step's")
+        probes = pytree.tree_map(lambda p: None if p is None else p.detach().requires_grad_(), make_probes(state.params))
+        loss, aux = self._objective(probes, state, batch)
+        leaves, spec = pytree.tree_flatten(probes)
+        live = [p for p in leaves if p is not None]
+        got = iter(torch.autograd.grad(loss, live, allow_unused=True))
+        grads = pytree.tree_unflatten([None if p is None else next(got) for p in leaves], spec)
+        return finish_step(state, grads, loss, aux, self.cfg)
