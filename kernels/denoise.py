@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton import cdiv, check_launchable
+from kernels._vmap import data_checkable
 
 BLOCK = 1024
 
@@ -185,7 +186,6 @@ def denoise_step(latent: torch.Tensor, pred_noise: torch.Tensor, alpha: torch.Te
                          f"and {latent.dtype} {tuple(latent.shape)}")
     if alpha.shape != latent.shape[:1]:
         raise ValueError(f"alpha must be [B] = {tuple(latent.shape[:1])}, got {tuple(alpha.shape)}")
-    checkable = not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(alpha)
-    if checkable and not bool(((alpha > 0) & (alpha <= 1)).all()):
+    if data_checkable(alpha) and not bool(((alpha > 0) & (alpha <= 1)).all()):
         raise ValueError("alpha must lie in (0, 1]")
     return _DenoiseStep.apply(latent, pred_noise, alpha)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton import cdiv, check_launchable
+from kernels._vmap import data_checkable, per_sample
 
 # ---------------------------------------------------------------- references
 
@@ -170,11 +171,7 @@ def _feature_fold_vmap_rule(op):
             hb = h.movedim(in_dims[0], 1)
             v, n, d = hb.shape
             return op(hb.reshape(v, n * d), *edges).reshape(v, n, d), 1
-        outs = []
-        for i in range(info.batch_size):
-            args = [a.select(d, i) if d is not None else a for a, d in zip((h, *edges), in_dims)]
-            outs.append(op(*args))
-        return torch.stack(outs), 0
+        return torch.stack(per_sample(op, info.batch_size, in_dims, (h, *edges))), 0
 
     return rule
 
@@ -266,18 +263,12 @@ class _GatherResidual(torch.autograd.Function):
         return g if ctx.needs_input_grad[0] else None, grad_nodes, None
 
 
-def _checkable(*ts: torch.Tensor) -> bool:
-    """Whether data-dependent checks can run: not while tracing, nor on tensors batched by vmap."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return not torch.compiler.is_compiling() and not any(wrapped(t) for t in ts)
-
-
 def _check_edges(n_nodes: int, src: torch.Tensor, dst: torch.Tensor, attr: torch.Tensor, score: torch.Tensor) -> None:
     for name, t, dtype in (("src", src, torch.int32), ("dst", dst, torch.int32), ("attr", attr, torch.int8),
                            ("score", score, torch.int8)):
         if t.dtype != dtype or t.dim() != 1 or t.shape != src.shape:
             raise TypeError(f"{name} must be {dtype} [E] with E = {src.numel()}, got {t.dtype} {tuple(t.shape)}")
-    if src.numel() and _checkable(src, dst):
+    if src.numel() and data_checkable(src, dst):
         lo, hi = int(torch.minimum(src.min(), dst.min())), int(torch.maximum(src.max(), dst.max()))
         if lo < 0 or hi >= n_nodes:
             raise ValueError(f"edge endpoints must be in 0..{n_nodes - 1}, got {lo}..{hi}")
@@ -299,7 +290,7 @@ def gather_residual(x: torch.Tensor, nodes: torch.Tensor, idx: torch.Tensor) -> 
                         f"and {nodes.dtype} {tuple(nodes.shape)}")
     if idx.dtype != torch.int64 or idx.shape != x.shape[:-1]:
         raise TypeError(f"idx must be int64 of shape {tuple(x.shape[:-1])}, got {idx.dtype} {tuple(idx.shape)}")
-    if idx.numel() and _checkable(idx):
+    if idx.numel() and data_checkable(idx):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= nodes.shape[0]:
             raise ValueError(f"idx must be in 0..{nodes.shape[0] - 1}, got {lo}..{hi}")

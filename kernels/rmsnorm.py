@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton import cdiv, check_launchable, decode_tile
-from kernels._vmap import activation_vmap_rule
+from kernels._vmap import activation_vmap_rule, per_sample
 from kernels.packing import decode_reference, n_groups, packed_width
 
 MAX_TRITON_DIM = 8192
@@ -169,8 +169,7 @@ def _(g, x, packed, exp, eps, group_size):
 def _bwd_vmap_rule(info, in_dims, g, x, packed, exp, eps, group_size):
     """One launch per sample: each sample needs its own dL/dgain sum (per-sample gradients)."""
     args = (g, x, packed, exp)
-    outs = [rmsnorm_bwd(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)], eps, group_size)
-            for i in range(info.batch_size)]
+    outs = per_sample(lambda *a: rmsnorm_bwd(*a, eps, group_size), info.batch_size, in_dims[:4], args)
     return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
 
 
