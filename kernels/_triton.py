@@ -17,15 +17,16 @@ PAD_BYTE = 121  # all five digits = 1, i.e. five zero trits
 
 
 @triton.jit
-def pow3(r):
-    """3**r for r in 0..4, elementwise on an int32 tensor."""
-    return tl.where(r == 0, 1, tl.where(r == 1, 3, tl.where(r == 2, 9, tl.where(r == 3, 27, 81))))
+def inv_pow3(r):
+    """ceil(2**16 / 3**r) for r in 0..4: ``(byte * inv_pow3(r)) >> 16 == byte // 3**r`` exactly for 0 <= byte < 256,
+    a multiply and a shift where a division by a per-column divisor would cost dozens of instructions."""
+    return tl.where(r == 0, 65536, tl.where(r == 1, 21846, tl.where(r == 2, 7282, tl.where(r == 3, 2428, 810))))
 
 
 @triton.jit
 def trit_of(byte, k):
     """Trit (-1, 0, +1) at logical column ``k`` given the packed byte that holds it (both int32)."""
-    return (byte // pow3(k % 5)) % 3 - 1
+    return ((byte * inv_pow3(k % 5)) >> 16) % 3 - 1
 
 
 def interpreting() -> bool:

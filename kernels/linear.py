@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import cdiv, check_launchable, decode_tile
+from kernels._triton import cdiv, check_launchable, decode_tile, inv_pow3
 from kernels._vmap import activation_vmap_rule
 from kernels.packing import decode_reference, n_groups, packed_width
 
@@ -63,6 +63,30 @@ def _linear_bwd_x_kernel(g_ptr, packed_ptr, exp_ptr, out_ptr, M, N, K, KB, G, GS
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
+@triton.jit(do_not_specialize=["N", "K", "KB", "G"])
+def _linear_gemv_kernel(x_ptr, packed_ptr, exp_ptr, y_ptr, N, K, KB, G, GS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Few-row forward (decode): one program per (row block, input row); walks packed *bytes*, so every byte
+    is read once and its five digits come out with constant divisors instead of a per-column division."""
+    m = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
+    for b0 in range(0, KB, BLOCK_B):
+        rb = b0 + tl.arange(0, BLOCK_B)
+        mask = (rn[:, None] < N) & (rb[None, :] < KB)
+        byte = tl.load(packed_ptr + rn[:, None] * KB + rb[None, :], mask=mask, other=121).to(tl.int32)
+        for d in tl.static_range(5):
+            col = rb * 5 + d
+            x = tl.load(x_ptr + m * K + col, mask=col < K, other=0.0).to(tl.float32)
+            e = tl.load(exp_ptr + rn[:, None] * G + (col // GS)[None, :], mask=mask & (col[None, :] < K), other=0)
+            trit = ((byte * inv_pow3(d)) >> 16) % 3 - 1
+            acc += trit.to(tl.float32) * tl.exp2(e.to(tl.float32)) * x[None, :]
+    tl.store(y_ptr + m * N + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+GEMV_MAX_M = 4  # up to this many input rows the byte-walking GEMV kernel beats padding M to a tensor-core tile
+
+
 def _block_m(m: int) -> int:
     return 16 if m <= 16 else 64
 
@@ -73,7 +97,10 @@ def linear_fwd_triton(x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, 
     x2 = x.reshape(-1, k).contiguous()
     m, n = x2.shape[0], packed.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if y.numel():
+    if y.numel() and m <= GEMV_MAX_M:
+        _linear_gemv_kernel[(cdiv(n, 32), m)](x2, packed.contiguous(), exp.contiguous(), y, n, k, packed_width(k),
+                                              n_groups(k, group_size), GS=group_size, BLOCK_N=32, BLOCK_B=64)
+    elif y.numel():
         bm = _block_m(m)
         _linear_fwd_kernel[(cdiv(m, bm), cdiv(n, 64))](
             x2, packed.contiguous(), exp.contiguous(), y, m, n, k, packed_width(k), n_groups(k, group_size),
@@ -162,12 +189,11 @@ class _TernaryLinear(torch.autograd.Function):
 
 
 def _linear_backward(ctx, g, x, packed, exp):
-    if True:
-        grad_x = linear_bwd_x(g, packed, exp, ctx.k, ctx.group_size) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[3]:
-            grad_w = (g.reshape(-1, g.shape[-1]).transpose(0, 1) @ x.reshape(-1, ctx.k)).to(ctx.probe_dtype)
-        return grad_x, None, None, grad_w, None, None
+    grad_x = linear_bwd_x(g, packed, exp, ctx.k, ctx.group_size) if ctx.needs_input_grad[0] else None
+    grad_w = None
+    if ctx.needs_input_grad[3]:
+        grad_w = (g.reshape(-1, g.shape[-1]).transpose(0, 1) @ x.reshape(-1, ctx.k)).to(ctx.probe_dtype)
+    return grad_x, None, None, grad_w, None, None
 
 
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, probe: torch.Tensor | None,

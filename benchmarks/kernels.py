@@ -1,0 +1,109 @@
+"""Kernel throughput against the baseline a user would otherwise pick, side by side in one run.
+
+Ternary linear (``arbfn::linear_fwd``) against bf16 ``x @ W.T`` (cuBLAS) and a naive torch
+unpack-then-matmul, at M = 1 (decode GEMV) and larger M; memory-bound ops (embedding gather, RMSNorm,
+update, MoE combine, gather-residual, denoise step) as achieved bandwidth over the bytes each must move,
+against the measured device-to-device copy bandwidth.
+
+    python -m benchmarks.kernels [--device cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+
+import kernels  # noqa: F401  (registers the ops)
+from benchmarks._timing import copy_bandwidth_gbs, describe, format_table, median_ms
+from kernels.packing import decode_reference, n_groups, pack, packed_width
+
+GROUP_SIZE = 32
+
+
+def random_weight(n: int, k: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random packed trits [n, ceil(k/5)] and int8 exponents [n, G] near the init scale."""
+    trits = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8).to(device)
+    exp = torch.randint(-8, -4, (n, n_groups(k, GROUP_SIZE)), generator=gen, dtype=torch.int8).to(device)
+    return pack(trits), exp
+
+
+def linear_rows(device: torch.device, shapes: list[tuple[int, int]], ms: list[int], copy_gbs: float) -> list[list]:
+    """One row per (shape, M): ternary vs bf16 cuBLAS vs naive unpack-then-matmul."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n, k in shapes:
+        packed, exp = random_weight(n, k, device, gen)
+        w_bf16 = decode_reference(packed, exp, k, GROUP_SIZE).to(torch.bfloat16)
+        for m in ms:
+            x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+            ternary = median_ms(lambda: torch.ops.arbfn.linear_fwd(x, packed, exp, k, GROUP_SIZE), device)
+            dense = median_ms(lambda: x @ w_bf16.T, device)
+            naive = median_ms(lambda: x @ decode_reference(packed, exp, k, GROUP_SIZE, torch.bfloat16).T, device)
+            moved = packed.numel() + exp.numel() + 2 * (x.numel() + m * n)
+            rows.append([f"{n}x{k}", m, ternary, dense, naive, dense / ternary,
+                         moved / ternary / 1e6, moved / ternary / 1e6 / copy_gbs, 2 * m * n * k / ternary / 1e9])
+    return rows
+
+
+def bandwidth_rows(device: torch.device, copy_gbs: float, scale: int) -> list[list]:
+    """Memory-bound ops: time, bytes they must move (each input read once, each output written once), GB/s."""
+    gen = torch.Generator().manual_seed(1)
+    ops = torch.ops.arbfn
+    rows: list[list] = []
+
+    def add(name: str, fn: Callable[[], object], nbytes: int) -> None:
+        ms = median_ms(fn, device)
+        rows.append([name, ms, nbytes / 1e6, nbytes / ms / 1e6, nbytes / ms / 1e6 / copy_gbs])
+
+    v, d, t = 8192 * scale, 1024, 4096 * scale
+    packed, exp = random_weight(v, d, device, gen)
+    ids = torch.randint(0, v, (t,), generator=gen).to(device)
+    add(f"embedding_fwd {t} of {v}x{d}", lambda: ops.embedding_fwd(ids, packed, exp, d, GROUP_SIZE),
+        t * (packed_width(d) + n_groups(d, GROUP_SIZE) + 8 + 4 * d))
+    x = torch.randn(t, d, generator=gen).to(device)
+    gp, ge = random_weight(1, d, device, gen)
+    add(f"rmsnorm_fwd {t}x{d} fp32", lambda: ops.rmsnorm_fwd(x, gp, ge, 1e-6, GROUP_SIZE), 2 * x.numel() * 4)
+    n, k = 4096, 4096 * scale
+    up, ue = random_weight(n, k, device, gen)
+    t_acc = torch.zeros(n, k, dtype=torch.int8, device=device)
+    e_acc = torch.zeros_like(ue)
+    grad = torch.randn(n, k, generator=gen).to(device)
+    upd_bytes = 2 * (up.numel() + t_acc.numel() + 2 * ue.numel()) + grad.numel() * 4
+    add(f"ternary_update {n}x{k}", lambda: ops.ternary_update(up, ue, t_acc, e_acc, grad, k, GROUP_SIZE, 8, 32), upd_bytes)
+    e_, n_, d_ = 8, 2048 * scale, 512
+    expert_out = torch.randn(e_, n_, d_, generator=gen).to(device)
+    weights = torch.rand(n_, e_, generator=gen).to(device)
+    add(f"route_combine {e_}x{n_}x{d_}", lambda: ops.route_combine(expert_out, weights),
+        (expert_out.numel() + weights.numel() + n_ * d_) * 4)
+    nodes = torch.randn(8192, d_, generator=gen).to(device)
+    idx = torch.randint(0, 8192, (n_,), generator=gen).to(device)
+    xr = torch.randn(n_, d_, generator=gen).to(device)
+    add(f"gather_residual {n_}x{d_}", lambda: ops.gather_residual(xr, nodes, idx), (3 * n_ * d_) * 4 + n_ * 8)
+    lat = torch.randn(64 * scale, 16, 1, 32, 32, generator=gen).to(device)
+    pred = torch.randn_like(lat)
+    alpha = torch.rand(lat.shape[0], generator=gen).to(device) * 0.9 + 0.05
+    add(f"denoise_fwd {tuple(lat.shape)}", lambda: ops.denoise_fwd(lat, pred, alpha), 3 * lat.numel() * 4)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small shapes (CPU smoke of the script itself)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    quick = args.quick or device.type == "cpu"
+    shapes = [(256, 256)] if quick else [(4096, 4096), (8192, 8192), (14336, 4096)]
+    ms = [1, 16] if quick else [1, 16, 256, 4096]
+    copy_gbs = copy_bandwidth_gbs(device, 1 << 24 if quick else 1 << 30)
+    print(f"device: {describe(device)}; measured copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+    print(format_table(["W (NxK)", "M", "ternary ms", "bf16 ms", "naive ms", "bf16/ternary", "GB/s", "of copy",
+                        "TFLOP/s"], linear_rows(device, shapes, ms, copy_gbs)))
+    print()
+    print(format_table(["op", "ms", "MB moved", "GB/s", "of copy"], bandwidth_rows(device, copy_gbs, 1 if quick else 8)))
+
+
+if __name__ == "__main__":
+    main()

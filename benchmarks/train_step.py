@@ -1,0 +1,104 @@
+"""Train-step throughput, side by side in one run: the ternary step (forward, backward, sign-vote update,
+counters) eager and compiled, for the whole preset and for its byte path, against the float twin of the
+byte path (same architecture, nn.Linear + AdamW under bf16 autocast), with peak device memory and the
+persistent state bytes per logical weight.
+
+    python -m benchmarks.train_step [--device cuda] [--preset small] [--batch 16] [--context 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import contextlib
+from typing import Callable
+
+import torch
+
+from arbfn.audit import audit
+from arbfn.compare import byte_path_config
+from arbfn.compiled import CompiledTrainStep
+from arbfn.config import Config, preset
+from arbfn.model import State, init_model
+from arbfn.ternary import to_device
+from arbfn.train import train_step
+from arbfn.twin import FloatTwin, twin_loss
+from benchmarks._timing import describe, format_table, sync_ms
+
+
+def ternary_state(cfg: Config, device: torch.device) -> State:
+    """A fresh state of ``cfg`` on ``device``."""
+    s = init_model(cfg, torch.Generator().manual_seed(0))
+    return State(to_device(s.params, device), s.step.to(device), s.config)
+
+
+def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(median step ms, peak device memory in MB during the timed steps; 0 on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = sync_ms(fn, device, warmup=2, reps=8)
+    peak = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else 0.0
+    return ms, peak
+
+
+def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.device) -> list[list]:
+    """Eager and compiled ternary step rows for ``cfg``; the state advances across the timed steps."""
+    box = {"state": ternary_state(cfg, device)}
+    report = audit(box["state"])
+    compiled = CompiledTrainStep(cfg)
+    rows = []
+    for kind, step in (("eager", lambda s, b: train_step(s, b, cfg)), ("compiled", compiled)):
+        def run() -> None:
+            box["state"], _ = step(box["state"], ids)
+        ms, peak = measure(run, device)
+        rows.append([f"ternary {label}, {kind}", ms, ids.numel() / ms * 1e3, peak, report["ternary_weights"],
+                     f"{report['bytes_per_weight']:.3f}"])
+    return rows
+
+
+def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> list[list]:
+    """The float twin's AdamW step under bf16 autocast (fp32 master weights: what a user would run)."""
+    model = FloatTwin(cfg.model, torch.Generator().manual_seed(0)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda")
+    n = sum(p.numel() for p in model.parameters())
+    state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())  # weights + 2 Adam moments
+    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = twin_loss(model, ids)
+        loss.backward()
+        opt.step()
+
+    ms, peak = measure(run, device)
+    return [["float twin byte path, bf16 autocast + AdamW", ms, ids.numel() / ms * 1e3, peak, n,
+             f"{state_bytes / n:.3f}"]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--skip-full", action="store_true", help="byte path only")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cfg = preset(args.preset)
+    # dense MoE dispatch at this batch: the sparse one has data-dependent shapes, so only the dense one compiles
+    # as one graph (with graph breaks, torch 2.11's compiled objective lost aux["vq_indices"]: a KeyError)
+    moe = dataclasses.replace(cfg.model.moe, dense_limit=max(cfg.model.moe.dense_limit, args.batch * args.context))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe),
+                              train=dataclasses.replace(cfg.train, batch_size=args.batch, context=args.context))
+    ids = torch.randint(0, 256, (args.batch, args.context), generator=torch.Generator().manual_seed(0)).to(device)
+    rows = [] if args.skip_full else ternary_rows(cfg, "full model", ids, device)
+    rows += ternary_rows(byte_path_config(cfg), "byte path", ids, device)
+    rows += twin_rows(cfg, ids, device)
+    print(f"device: {describe(device)}; preset {args.preset}; batch [{args.batch}, {args.context}]; "
+          f"MoE dense dispatch up to {moe.dense_limit} tokens")
+    print(format_table(["step", "ms", "tokens/s", "peak MB", "weights", "state B/weight"], rows))
+
+
+if __name__ == "__main__":
+    main()
