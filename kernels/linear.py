@@ -1,4 +1,8 @@
-"""Ternary linear: ``y = x @ W.T`` with ``W = T * 2**E`` decoded tile by tile inside the kernel.
+"""Ternary linear: ``y = x @ W.T`` with ``W = T * 2**E`` from packed trits and int8 group exponents.
+
+On CUDA, up to ``GEMV_MAX_M`` input rows run a GEMV kernel that reads only the packed bytes (split over K);
+more rows decode W once per call into a transient dense tile (a Triton kernel) and run one matmul, since
+tensor-core GEMMs beat any decode-in-the-loop kernel there (benchmarks/RESULTS.md has both measured).
 
 Ops: ``arbfn::linear_fwd`` (x [..., K] -> y [..., N]) and ``arbfn::linear_bwd_x`` (dL/dy -> dL/dx).
 The weight-gradient signal ``dL/dW = g.T @ x`` reaches the update through the zero *probe*
@@ -33,45 +37,24 @@ def linear_bwd_x_reference(g: torch.Tensor, packed: torch.Tensor, exp: torch.Ten
 # ---------------------------------------------------------------- Triton kernels
 
 
-@triton.jit(do_not_specialize=["M", "N", "K", "KB", "G"])  # sizes vary per call: one compile, not one per size
-def _linear_fwd_kernel(x_ptr, packed_ptr, exp_ptr, y_ptr, M, N, K, KB, G, GS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = decode_tile(packed_ptr, exp_ptr, rn, rk, rn < N, K, KB, G, GS)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@triton.jit(do_not_specialize=["M", "N", "K", "KB", "G"])  # sizes vary per call: one compile, not one per size
-def _linear_bwd_x_kernel(g_ptr, packed_ptr, exp_ptr, out_ptr, M, N, K, KB, G, GS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+@triton.jit(do_not_specialize=["N", "K", "KB", "G"])  # sizes vary per call: one compile, not one per size
+def _decode_kernel(packed_ptr, exp_ptr, w_ptr, N, K, KB, G, GS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        g = tl.load(g_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-        w = decode_tile(packed_ptr, exp_ptr, rn, rk, rn < N, K, KB, G, GS)
-        acc += tl.dot(g, w.to(g.dtype))
-    tl.store(out_ptr + rm[:, None] * K + rk[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rk[None, :] < K))
+    w = decode_tile(packed_ptr, exp_ptr, rn, rk, rn < N, K, KB, G, GS)
+    tl.store(w_ptr + rn[:, None] * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rk[None, :] < K))
 
 
-@triton.jit(do_not_specialize=["N", "K", "KB", "G"])
-def _linear_gemv_kernel(x_ptr, packed_ptr, exp_ptr, y_ptr, N, K, KB, G, GS: tl.constexpr,
+@triton.jit(do_not_specialize=["N", "K", "KB", "G", "SPLIT_B"])
+def _linear_gemv_kernel(x_ptr, packed_ptr, exp_ptr, part_ptr, N, K, KB, G, SPLIT_B, GS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Few-row forward (decode): one program per (row block, input row); walks packed *bytes*, so every byte
-    is read once and its five digits come out with constant divisors instead of a per-column division."""
-    m = tl.program_id(1)
+    """Few-row forward (decode): program (row block, K split, input row) walks its ``SPLIT_B`` packed bytes
+    once, takes their five digits with constant divisors, and writes an fp32 partial sum per output row."""
+    pid_s, m = tl.program_id(1), tl.program_id(2)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
-    for b0 in range(0, KB, BLOCK_B):
+    for b0 in range(pid_s * SPLIT_B, min(KB, pid_s * SPLIT_B + SPLIT_B), BLOCK_B):
         rb = b0 + tl.arange(0, BLOCK_B)
         mask = (rn[:, None] < N) & (rb[None, :] < KB)
         byte = tl.load(packed_ptr + rn[:, None] * KB + rb[None, :], mask=mask, other=121).to(tl.int32)
@@ -81,46 +64,53 @@ def _linear_gemv_kernel(x_ptr, packed_ptr, exp_ptr, y_ptr, N, K, KB, G, GS: tl.c
             e = tl.load(exp_ptr + rn[:, None] * G + (col // GS)[None, :], mask=mask & (col[None, :] < K), other=0)
             trit = ((byte * inv_pow3(d)) >> 16) % 3 - 1
             acc += trit.to(tl.float32) * tl.exp2(e.to(tl.float32)) * x[None, :]
-    tl.store(y_ptr + m * N + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rn < N)
+    n_split = tl.num_programs(1)
+    tl.store(part_ptr + (m * n_split + pid_s) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
 
 
-GEMV_MAX_M = 4  # up to this many input rows the byte-walking GEMV kernel beats padding M to a tensor-core tile
+GEMV_MAX_M = 4  # up to this many input rows the GEMV kernel reads only the packed bytes; above, decode + cuBLAS
+GEMV_BLOCK_N, GEMV_BLOCK_B, GEMV_SPLIT_B = 16, 64, 256  # a K split of 256 bytes (1280 columns) per program
 
 
-def _block_m(m: int) -> int:
-    return 16 if m <= 16 else 64
+def decode_triton(packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight ``T * 2**E`` [N, k] in ``dtype`` (exact: every value is a power of two or zero)."""
+    check_launchable(packed, exp)
+    n = packed.shape[0]
+    w = torch.empty((n, k), dtype=dtype, device=packed.device)
+    if w.numel():
+        _decode_kernel[(cdiv(n, 32), cdiv(k, 128))](packed.contiguous(), exp.contiguous(), w, n, k, packed_width(k),
+                                                   n_groups(k, group_size), GS=group_size, BLOCK_N=32, BLOCK_K=128)
+    return w
+
+
+def _gemv(x2: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    m, n, kb = x2.shape[0], packed.shape[0], packed_width(k)
+    split = cdiv(kb, GEMV_SPLIT_B)
+    part = torch.empty((m, split, n), dtype=torch.float32, device=x2.device)
+    _linear_gemv_kernel[(cdiv(n, GEMV_BLOCK_N), split, m)](
+        x2, packed.contiguous(), exp.contiguous(), part, n, k, kb, n_groups(k, group_size), GEMV_SPLIT_B,
+        GS=group_size, BLOCK_N=GEMV_BLOCK_N, BLOCK_B=GEMV_BLOCK_B)
+    return part.sum(1).to(x2.dtype)
 
 
 def linear_fwd_triton(x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """Launch the forward kernel; x [..., K] -> [..., N]."""
+    """x [..., K] -> [..., N]: the packed-byte GEMV for a few rows, else a transient decode of W and one matmul
+    (cuBLAS on GPU, fp32 accumulation); the packed weight is all that persists."""
     check_launchable(x, packed, exp)
     x2 = x.reshape(-1, k).contiguous()
     m, n = x2.shape[0], packed.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if y.numel() and m <= GEMV_MAX_M:
-        _linear_gemv_kernel[(cdiv(n, 32), m)](x2, packed.contiguous(), exp.contiguous(), y, n, k, packed_width(k),
-                                              n_groups(k, group_size), GS=group_size, BLOCK_N=32, BLOCK_B=64)
-    elif y.numel():
-        bm = _block_m(m)
-        _linear_fwd_kernel[(cdiv(m, bm), cdiv(n, 64))](
-            x2, packed.contiguous(), exp.contiguous(), y, m, n, k, packed_width(k), n_groups(k, group_size),
-            GS=group_size, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64)
+    if m * n == 0:
+        return x.new_zeros((*x.shape[:-1], n))
+    y = _gemv(x2, packed, exp, k, group_size) if m <= GEMV_MAX_M else x2 @ decode_triton(packed, exp, k, group_size, x.dtype).T
     return y.reshape(*x.shape[:-1], n)
 
 
 def linear_bwd_x_triton(g: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """Launch the input-gradient kernel; g [..., N] -> [..., K]."""
+    """g [..., N] -> dL/dx [..., K] = g @ W, with W decoded transiently by the Triton kernel."""
     check_launchable(g, packed, exp)
     n = packed.shape[0]
-    g2 = g.reshape(-1, n).contiguous()
-    m = g2.shape[0]
-    out = torch.empty((m, k), dtype=g.dtype, device=g.device)
-    if out.numel():
-        bm = _block_m(m)
-        _linear_bwd_x_kernel[(cdiv(m, bm), cdiv(k, 64))](
-            g2, packed.contiguous(), exp.contiguous(), out, m, n, k, packed_width(k), n_groups(k, group_size),
-            GS=group_size, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64)
-    return out.reshape(*g.shape[:-1], k)
+    g2 = g.reshape(-1, n)
+    return (g2 @ decode_triton(packed, exp, k, group_size, g.dtype)).reshape(*g.shape[:-1], k)
 
 
 # ---------------------------------------------------------------- ops
