@@ -2,9 +2,14 @@
 
 Counts over the state pytree: logical ternary weights; persistent state bytes (every tensor, packed
 trits, scales, accumulators, counters) and bytes per weight; trainable float params (float tensors
-among the parameters); float buffers (float tensors elsewhere in the state). Frozen float params and
-sidecars are reported apart (none yet: sidecars arrive with the multimodal path). Works on meta-device
+among the parameters); float buffers (float tensors elsewhere in the state). Works on meta-device
 states, so large presets are counted without allocating.
+
+Sidecars (frozen encoders outside the state) are reported apart, one section each
+(``sidecars.sidecar_report``): quantized module classes and counts, quantized and frozen float params with
+their bytes, trainable params. The top-level counts are the core's; ``frozen_float_params`` sums the
+sidecars'. Strict mode fails on any float in the core, any trainable sidecar param, and any sidecar that
+was asked to be int8 and is not.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from arbfn.ternary import is_ternary, weights
 
 
 class AuditError(ValueError):
-    """Strict audit failure: a float tensor in the core state."""
+    """Strict audit failure: a float tensor in the core state, a trainable sidecar param, or a sidecar asked
+    to be int8 that is not."""
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -38,8 +44,29 @@ def _area(tree: Any) -> dict[str, float | int]:
             "bytes_per_weight": nbytes / n if n else 0.0, "trainable_float_params": _float_count(tree)}
 
 
-def audit(state: State, strict: bool = False) -> dict[str, Any]:
-    """Audit ``state``; with ``strict`` raise :class:`AuditError` on any float tensor in the core."""
+def _strict_failures(report: dict[str, Any]) -> list[str]:
+    problems = []
+    if report["trainable_float_params"] or report["float_buffers"]:
+        problems.append(f"float tensors in the core state: {report['trainable_float_params']} float params, "
+                        f"{report['float_buffers']} float buffer elements")
+    for name, s in report["sidecars"].items():
+        if s["trainable_float_params"]:
+            problems.append(f"sidecar {name}: {s['trainable_float_params']} trainable params (must be frozen)")
+        if s["quantize_requested"] == "int8" and not s["quantized_int8"]:
+            why = s["fallback"] or "not quantized"
+            problems.append(f"sidecar {name}: int8 was requested but it is not int8 ({why})")
+    return problems
+
+
+def audit(state: State, strict: bool = False, sidecars: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:
+    """Audit ``state`` and the loaded ``sidecars`` (name -> frozen module); with ``strict`` raise
+    :class:`AuditError` on any float tensor in the core, a trainable sidecar param or a sidecar asked to be
+    int8 that is not."""
+    side = {}
+    if sidecars:
+        from sidecars import sidecar_report
+
+        side = {name: sidecar_report(module) for name, module in sidecars.items()}
     total = _area(state.params)
     step_bytes = _nbytes(state.step)
     total["state_bytes"] += step_bytes
@@ -47,14 +74,14 @@ def audit(state: State, strict: bool = False) -> dict[str, Any]:
     total["bytes_per_weight"] = total["state_bytes"] / total["ternary_weights"] if total["ternary_weights"] else 0.0
     report = {
         **total,
-        "frozen_float_params": 0,
+        "frozen_float_params": sum(s["frozen_float_params"] for s in side.values()),
         "float_buffers": _float_count(state.step),
         "areas": {name: _area(sub) for name, sub in state.params.items()},
-        "sidecars": {},
+        "sidecars": side,
     }
-    if strict and (report["trainable_float_params"] or report["float_buffers"]):
-        raise AuditError(f"float tensors in the core state: {report['trainable_float_params']} float params, "
-                         f"{report['float_buffers']} float buffer elements")
+    problems = _strict_failures(report) if strict else []
+    if problems:
+        raise AuditError("; ".join(problems))
     return report
 
 
@@ -69,4 +96,19 @@ def format_audit(report: dict[str, Any]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     lines.append(f"frozen float params: {report['frozen_float_params']}   float buffers: {report['float_buffers']}   "
                  f"sidecars: {len(report['sidecars'])}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *_format_sidecars(report["sidecars"])])
+
+
+def _format_sidecars(side: dict[str, dict[str, Any]]) -> list[str]:
+    """One block per sidecar: its class, what quantization was asked and got, module counts, params, bytes."""
+    lines = []
+    for name, s in side.items():
+        got = "int8" if s["quantized_int8"] else f"NOT int8: {s['fallback']}" if s["fallback"] else "float"
+        modules = ", ".join(f"{k} {v}" for k, v in s["quantized_modules"].items()) or "none"
+        lines += [f"sidecar {name} ({s['class']}): requested {s['quantize_requested']}, {got}",
+                  f"  quantized modules: {modules}; quantized params {s['quantized_params']:,} "
+                  f"({s['quantized_bytes'] / 1e6:.3f} MB)",
+                  f"  frozen float params {s['frozen_float_params']:,} ({s['frozen_float_bytes'] / 1e6:.3f} MB, "
+                  f"{'/'.join(s['float_dtypes']) or '-'}); float buffers {s['float_buffers']:,}; "
+                  f"trainable params {s['trainable_float_params']}; tensors {s['tensors']}"]
+    return lines

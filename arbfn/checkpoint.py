@@ -4,7 +4,8 @@ Layout: one tensor per pytree leaf, named by its path (``params.blocks.0.attn.q.
 holds the format tag, the run config as JSON, and a SHA-256 over every tensor's bytes (safetensors has
 no checksum of its own, so a flipped byte would otherwise load silently). Loading rebuilds the
 expected structure from the config on the meta device and demands exactly those names, dtypes and
-shapes, then validates every ternary weight (bytes 0..242, zero padding trits).
+shapes, then validates every ternary weight (bytes 0..242, zero padding trits). The per-weight flip
+counters (``t_accum``) are saved and expected exactly when the config's ``update.flip_mode`` is "counter".
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import safetensors.torch
 import torch
 import torch.utils._pytree as pytree
 
-from arbfn.config import Config, TrainConfig
+from arbfn.config import Config, TrainConfig, UpdateConfig
 from arbfn.model import State, init_model
-from arbfn.ternary import to_device, validate_weight, weights
+from arbfn.ternary import set_flip_counters, to_device, validate_weight, weights
 
 FORMAT = "arbfn-checkpoint-1"
 
@@ -48,12 +49,18 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save(state: State, path: str | Path, cfg: Config | None = None) -> Path:
-    """Write ``state`` (with its run config) to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    """Write ``state`` (with its run config) to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    The state is written in the layout of ``cfg.update.flip_mode`` (flip counters dropped, or added as zeros);
+    without ``cfg`` the mode is the state's own: "stochastic" when no trainable weight carries flip counters."""
     if cfg is None:  # the default train context (64) must fit models with a shorter max_context
-        cfg = Config("custom", state.config, train=TrainConfig(context=max(2, min(TrainConfig.context,
-                                                                                     state.config.max_context))))
+        trainable = [w for w in weights(state.params) if w.trainable]
+        mode = "stochastic" if trainable and all(w.t_accum is None for w in trainable) else "counter"
+        cfg = Config("custom", state.config, update=UpdateConfig(flip_mode=mode),
+                     train=TrainConfig(context=max(2, min(TrainConfig.context, state.config.max_context))))
     if cfg.model != state.config:
         raise ValueError("save: cfg.model differs from the state's model config")
+    state = set_flip_counters(state, cfg.update.flip_counters)
     for w in weights(state.params):
         validate_weight(w)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _named_leaves(state).items()}
@@ -86,7 +93,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> State:
 def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[State, Config]:
     """Read and validate a checkpoint; returns (state on ``device``, run config)."""
     tensors, cfg = _read(path)
-    expected = init_model(cfg)  # meta-device skeleton: names, dtypes, shapes
+    expected = set_flip_counters(init_model(cfg), cfg.update.flip_counters)  # meta skeleton: names, dtypes, shapes
     names = _named_leaves(expected)
     missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
     if missing or extra:

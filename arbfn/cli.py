@@ -17,39 +17,80 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """The parsed train options as command-line arguments again, for the ranks torchrun starts. Not --nproc: a
+    rank reads its world from the environment, and torchrun's parser would take --nproc for its --nproc-per-node."""
+    argv = ["train"]
+    for name, value in vars(args).items():
+        if name not in ("command", "fn", "nproc") and value is not None and value is not False:
+            argv += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return argv
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a preset on a corpus; write checkpoint, metrics.jsonl and loss.png into --out."""
+    """Train a preset (or --resume a checkpoint) on a corpus; write checkpoint, metrics.jsonl and loss.png into
+    --out. With --nproc N > 1, relaunch as N ranks through torchrun; a rank (torchrun's environment) trains
+    data-parallel and only rank 0 writes."""
+    import os
+
     from tqdm import tqdm
 
-    from arbfn import checkpoint, data
+    from arbfn import checkpoint, data, distributed
     from arbfn.config import preset
     from arbfn.model import init_model
     from arbfn.report import plot_loss
     from arbfn.ternary import to_device
     from arbfn.train import train
 
-    cfg = preset(args.preset)
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    ranked = distributed.launched()
+    world = int(os.environ["WORLD_SIZE"]) if ranked else args.nproc or 1
+    if args.nproc is not None and args.nproc != world:
+        raise ValueError(f"--nproc {args.nproc} disagrees with the launcher's WORLD_SIZE {world}")
+    state, cfg = checkpoint.load_run(args.resume) if args.resume else (None, preset(args.preset))
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("batch_size", args.batch_size))
                  if v is not None}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
-    out = Path(args.out or f"runs/{cfg.name}")
-    corpus = data.load_corpus(args.corpus)
-    state = init_model(cfg, torch.Generator().manual_seed(cfg.train.seed))
-    state = to_device(state, _device(args.device))
-    bar = tqdm(total=cfg.train.steps, desc=f"train {cfg.name}", unit="step", disable=args.quiet)
+    if args.flip_mode is not None:
+        if state is not None and args.flip_mode != cfg.update.flip_mode:
+            raise ValueError(f"--flip-mode {args.flip_mode} differs from the checkpoint's {cfg.update.flip_mode!r}: "
+                             "its state layout (flip counters or none) belongs to its mode")
+        cfg = dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, flip_mode=args.flip_mode))
+    distributed.check_batch_size(cfg.train.batch_size, world)
+    if world > 1 and not ranked:
+        return distributed.relaunch("arbfn.cli", _train_argv(args), world)
+    device = distributed.init(args.device, args.timeout) if ranked else _device(args.device)
+    try:
+        lead = distributed.rank() == 0
+        out = Path(args.out or f"runs/{cfg.name}")
+        corpus = data.load_corpus(args.corpus)
+        if state is None:
+            state = init_model(cfg, torch.Generator().manual_seed(cfg.train.seed))
+        state = to_device(state, device)
+        bar = tqdm(total=cfg.train.steps, desc=f"train {cfg.name}", unit="step", disable=args.quiet or not lead)
 
-    def on_step(i: int, row: dict[str, float]) -> None:
-        bar.set_postfix(loss=f"{row['byte_loss']:.3f}", bytes_per_s=f"{row['bytes_per_s']:,.0f}", flips=int(row["flips"]))
-        bar.update(1)
+        def on_step(i: int, row: dict[str, float]) -> None:
+            bar.set_postfix(loss=f"{row['byte_loss']:.3f}", bytes_per_s=f"{row['bytes_per_s']:,.0f}",
+                            flips=int(row["flips"]))
+            bar.update(1)
 
-    state, history = train(cfg, state, corpus, out, on_step)
-    bar.close()
-    ckpt = checkpoint.save(state, out / "checkpoint.safetensors", cfg)
+        if ranked:
+            state, history = distributed.train_data_parallel(cfg, state, corpus, out, on_step, args.exchange)
+        else:
+            state, history = train(cfg, state, corpus, out, on_step)
+        bar.close()
+        ckpt = (distributed.save_checkpoint if ranked else checkpoint.save)(state, out / "checkpoint.safetensors", cfg)
+    finally:
+        distributed.shutdown()
+    if not lead:
+        return 0
     plot_loss(history, out / "loss.png", f"arbfn {cfg.name}: ternary sign-vote training")
     if history:
         first, last = history[0]["byte_loss"], history[-1]["byte_loss"]
         print(f"next-byte loss {first:.3f} -> {last:.3f} nats over {len(history)} steps; "
-              f"held-out {history[-1].get('held_out_bpb', float('nan')):.3f} bits/byte")
+              f"held-out {history[-1].get('held_out_bpb', float('nan')):.3f} bits/byte"
+              + (f" ({world} ranks)" if ranked else ""))
     print(f"wrote {ckpt}, {out / 'metrics.jsonl'}, {out / 'loss.png'}")
     return 0
 
@@ -79,8 +120,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_sidecars(args: argparse.Namespace, cfg):
+    """(the sidecars --image/--audio/--vae ask for, loaded int8 from --sidecar-dir, checked against ``cfg``;
+    ``cfg``, given the image/audio sequencers they feed unless it comes from a checkpoint)."""
+    names = tuple(n for n, on in (("image", args.image), ("audio", args.audio), ("video", args.vae)) if on)
+    if not names:
+        return {}, cfg
+    import sidecars
+    from arbfn.multimodal import check_sidecars, multimodal_config
+
+    loaded = sidecars.load_sidecars(args.sidecar_dir or sidecars.default_sidecar_dir(), names)
+    cfg = cfg if args.checkpoint else multimodal_config(cfg, loaded)
+    check_sidecars(cfg.model, loaded)
+    return loaded, cfg
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Audit a preset (shape-only, nothing allocated) or a checkpoint."""
+    """Audit a preset (shape-only, nothing allocated) or a checkpoint, and the sidecars --image/--audio/--vae
+    load from --sidecar-dir; a preset gets the image/audio sequencers sized by the loaded sidecars."""
     from arbfn import checkpoint
     from arbfn.audit import audit, format_audit
     from arbfn.config import preset
@@ -90,9 +147,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         state, cfg = checkpoint.load_run(args.checkpoint)
         if args.preset and args.preset != cfg.name:
             print(f"note: checkpoint holds preset {cfg.name!r}, auditing that", file=sys.stderr)
+        loaded, cfg = _audit_sidecars(args, cfg)
     else:
-        state = init_model(preset(args.preset or "tiny"))
-    report = audit(state, strict=args.strict)
+        loaded, cfg = _audit_sidecars(args, preset(args.preset or "tiny"))
+        state = init_model(cfg)
+    report = audit(state, strict=args.strict, sidecars=loaded)
     print(json.dumps(report, indent=2) if args.json else format_audit(report))
     return 0
 
@@ -126,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--corpus", help="a text file to train on instead of the embedded default")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--flip-mode", choices=("counter", "stochastic"),
+                   help="trit flips from int8 vote counters (default) or counter-free hashed coin flips (0.3 B/weight)")
+    t.add_argument("--resume", help="continue training this checkpoint (its preset and config; --preset is ignored)")
+    t.add_argument("--nproc", type=int, help="data-parallel ranks on this host, launched through torchrun")
+    t.add_argument("--exchange", default="trits", choices=("trits", "int8"),
+                   help="how ranks exchange gradient votes: packed trits (default, ~20x fewer bytes than fp32) or int8")
+    t.add_argument("--timeout", type=float, default=300.0, help="seconds a rank waits for its peers before failing")
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="sample bytes from a checkpoint or a compiled package")
@@ -152,7 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--preset")
     a.add_argument("--checkpoint")
     a.add_argument("--json", action="store_true")
-    a.add_argument("--strict", action="store_true", help="fail on any float tensor in the core state")
+    a.add_argument("--strict", action="store_true",
+                   help="fail on any float tensor in the core state, a trainable sidecar param or a sidecar not int8")
+    a.add_argument("--image", action="store_true", help="add the DINOv2 sidecar and the image sequencer")
+    a.add_argument("--audio", action="store_true", help="add the Moonshine sidecar and the audio sequencer")
+    a.add_argument("--vae", action="store_true", help="add the VAE sidecar (video frames -> VideoHead latents)")
+    a.add_argument("--sidecar-dir", help="folder holding dinov2-small/, moonshine-base/, pig-vae/ "
+                                         "(default $ARBFN_SIDECAR_DIR or ~/.cache/arbfn/sidecars)")
     a.set_defaults(fn=cmd_audit)
 
     c = sub.add_parser("compare", help="ternary training vs its float twin (byte path): held-out bits/byte")

@@ -88,13 +88,30 @@ class HeadsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SequencerConfig:
+    """Image and audio sequencers: the width of the sidecar features they take (DINOv2-small 384,
+    Moonshine-base 416; tiny sidecars differ, so derive them with ``arbfn.multimodal.sequencer_config``) and
+    their window over feature positions (image: width 3, valid, so 256 patches give 254 positions; audio:
+    one frame per position)."""
+
+    image_features: int = 384
+    image_window: int = 3
+    audio_features: int = 416
+    audio_window: int = 1
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape of the ARB model and its switches.
 
     Always present: text sequencer -> causal ternary blocks -> RMSNorm -> output router with byte head,
     VideoHead and TalkerHead. Switches add the memory modules, the shared VQ (via the multimodal
     bridge), the graph over VQ codes (needs VQ) and the MoE ACT stage; ``enable_image``/``enable_audio``
-    need the sidecar encoders.
+    add the image/audio sequencers over frozen sidecar features (``sequencers``), whose positions precede
+    the text in one sequence.
     """
 
     vocab_size: int = VOCAB_SIZE
@@ -118,6 +135,7 @@ class ModelConfig:
     memory: MemoryConfig = MemoryConfig()
     moe: MoEConfig = MoEConfig()
     heads: HeadsConfig = HeadsConfig()
+    sequencers: SequencerConfig = SequencerConfig()
 
     def __post_init__(self) -> None:
         _check_positive(self)
@@ -127,36 +145,51 @@ class ModelConfig:
             raise ValueError(f"act_threshold must be in (0, 1], got {self.act_threshold}")
         if self.enable_graph and not self.enable_vq:
             raise ValueError("enable_graph needs enable_vq: graph nodes are VQ codes")
-        for flag in ("enable_image", "enable_audio"):
-            if getattr(self, flag):
-                raise ValueError(f"{flag} needs the frozen int8 sidecar encoders (sidecars/, the sidecar issue), "
-                                 "which are not built yet")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Inverse of ``dataclasses.asdict``; unknown or missing fields raise."""
-        subs = {"vq": VQConfig, "graph": GraphConfig, "memory": MemoryConfig, "moe": MoEConfig, "heads": HeadsConfig}
+        subs = {"vq": VQConfig, "graph": GraphConfig, "memory": MemoryConfig, "moe": MoEConfig, "heads": HeadsConfig,
+                "sequencers": SequencerConfig}
         return cls(**{k: subs[k](**v) if k in subs else v for k, v in d.items()})
 
 
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
-    """The sign-vote rule (SYSTEM.md §Training).
+    """The sign-vote rule (SYSTEM.md §Training, kernels/update.py).
 
-    flip_threshold: votes a trit's accumulator must gather before it moves one step (1..127); lower learns
-      faster but flips in bursts. exp_threshold: votes before a group's log2 scale moves by one (1..127). A move doubles or halves
+    flip_mode: "counter" keeps an int8 vote accumulator per weight (1 byte/weight of state) and moves a trit
+      when ``flip_threshold`` net votes agree; "stochastic" keeps none (about 0.3 bytes/weight in all) and
+      moves a trit on each vote with probability 1/``flip_threshold``, drawn from a counter-based hash of
+      (``seed``, step, tensor, weight), so a step stays a pure function of (state, batch, config). Counter
+      mode learns better (tiny byte path, held-out bits/byte: 3.82 vs 4.34 for stochastic θ 64 at 200 steps,
+      4.09 vs 5.65 at 400; benchmarks/RESULTS.md), so it stays the default.
+    flip_threshold: votes per trit move (1..127); lower learns faster but flips in bursts.
+    exp_threshold: votes before a group's log2 scale moves by one (1..127). A move doubles or halves
       a whole group, so it needs far more evidence than a flip: at the original's 4 the tiny model's loss
       blew up within 50 steps (6.1 -> 240 nats); at 32 it trains smoothly (benchmarks/RESULTS.md).
+    seed: the stochastic flips' stream (0..2**32-1); unused by counter mode.
     """
 
     flip_threshold: int = 8
     exp_threshold: int = 32
+    flip_mode: str = "counter"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("flip_threshold", "exp_threshold"):
             v = getattr(self, name)
             if not 1 <= v <= 127:
                 raise ValueError(f"UpdateConfig.{name} must be in 1..127 (an int8 accumulator), got {v}")
+        if self.flip_mode not in ("counter", "stochastic"):
+            raise ValueError(f"UpdateConfig.flip_mode must be 'counter' or 'stochastic', got {self.flip_mode!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"UpdateConfig.seed must be in 0..2**32-1, got {self.seed}")
+
+    @property
+    def flip_counters(self) -> bool:
+        """Whether the rule keeps a per-weight flip counter (``t_accum``) in the state."""
+        return self.flip_mode == "counter"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,11 @@
-"""The ARB model: text sequencer -> causal ternary blocks -> [memory] -> [shared VQ via the bridge]
--> [graph hops over VQ codes] -> [MoE ACT] -> RMSNorm -> output router over byte / video / talker heads.
+"""The ARB model: [image | audio sequencers +] text sequencer -> causal ternary blocks -> [memory] -> [shared VQ
+via the bridge] -> [graph hops over VQ codes] -> [MoE ACT] -> RMSNorm -> output router over byte / video / talker
+heads.
+
+Image and audio enter as frozen sidecar *features* (``arbfn.multimodal.featurize`` makes them eagerly; the
+sidecars stay outside the state, which holds no float). Their sequencer positions precede the text in one
+sequence, so causal attention lets every text position see them; the bridge sends each modality's span
+through its own projection into the one shared codebook; the heads read the text positions only.
 
 The whole model is a :class:`State` pytree: integer parameters, an int64 step counter, and the
 :class:`ModelConfig` as static context, so ``apply_model(state, batch)`` needs nothing else.
@@ -24,9 +30,10 @@ from arbfn.layers.heads import init_output_router, init_talker_head, init_video_
 from arbfn.layers.memory import init_memory, memory, update_memory_counters
 from arbfn.layers.moe import init_moe, moe_act
 from arbfn.layers.norm import init_rmsnorm, rmsnorm
+from arbfn.layers.sequencers import audio_sequencer, image_sequencer, init_audio_sequencer, init_image_sequencer
 from arbfn.layers.text import init_text_sequencer, text_sequencer
 from arbfn.layers.vq import init_vq, update_vq_counters
-from arbfn.ternary import init_ternary, linear
+from arbfn.ternary import init_ternary, linear, set_flip_counters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +58,9 @@ pytree.register_pytree_node(
 @dataclasses.dataclass
 class ModelOutput:
     """Byte logits [B,T,vocab], router probabilities [B,T,3], final hidden states [B,T,d] (the heads'
-    conditioning), the memory carry, and ``aux``: auxiliary losses (commitment, ponder) and the integer
-    evidence counters learn from (VQ indices, memory slots)."""
+    conditioning), all at the T text positions; the memory carry; and ``aux``: auxiliary losses (commitment,
+    ponder) and the integer evidence counters learn from (VQ indices, memory slots: over every position,
+    image and audio first)."""
 
     logits: torch.Tensor
     router: torch.Tensor
@@ -61,18 +69,30 @@ class ModelOutput:
     aux: dict[str, torch.Tensor]
 
 
+MODALITIES = ("image", "audio")
+"""Feature modalities, in the order their positions precede the text."""
+
+
+def modalities(cfg: ModelConfig) -> tuple[str, ...]:
+    """The enabled feature modalities of ``cfg``, in stream order."""
+    return tuple(m for m in MODALITIES if getattr(cfg, f"enable_{m}"))
+
+
 def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = None) -> State:
-    """Fresh state for ``cfg``; ``generator=None`` gives a shape-only state on the meta device."""
+    """Fresh state for ``cfg``; ``generator=None`` gives a shape-only state on the meta device. A full
+    :class:`Config` also sets the flip-counter layout of its update mode (none for stochastic flips)."""
     m = cfg.model if isinstance(cfg, Config) else cfg
-    g, gs, d = generator, m.group_size, m.d_model
-    params: dict[str, Any] = {
-        "text": init_text_sequencer(m.vocab_size, m.d_embed, m.window, d, gs, g),
-        "blocks": [init_block(d, m.d_ff, gs, g) for _ in range(m.n_layers)],
-    }
+    g, gs, d, seq = generator, m.group_size, m.d_model, m.sequencers
+    params: dict[str, Any] = {"text": init_text_sequencer(m.vocab_size, m.d_embed, m.window, d, gs, g)}
+    if m.enable_image:
+        params["image"] = init_image_sequencer(seq.image_features, d, gs, g, seq.image_window)
+    if m.enable_audio:
+        params["audio"] = init_audio_sequencer(seq.audio_features, d, gs, g, seq.audio_window)
+    params["blocks"] = [init_block(d, m.d_ff, gs, g) for _ in range(m.n_layers)]
     if m.enable_memory:
         params["memory"] = init_memory(d, m.memory.n_slots, m.memory.d_hidden, gs, g)
     if m.enable_vq:
-        params["bridge"] = init_bridge(d, ("text",), gs, g)
+        params["bridge"] = init_bridge(d, (*modalities(m), "text"), gs, g)
         params["vq"] = init_vq(d, m.vq.code_dim, m.vq.n_codes, gs, g)
     if m.enable_graph:
         params["graph"] = init_graph(m.vq.n_codes, m.graph.d_node, d, m.graph.edges_per_node, gs, g)
@@ -84,6 +104,8 @@ def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = No
     params["video"] = init_video_head(d, m.heads.video_max_steps, gs, g)
     params["talker"] = init_talker_head(d, gs, g, m.heads.talker_tokens)
     device = "meta" if generator is None else None
+    if isinstance(cfg, Config):  # the update's flip mode decides whether weights carry flip counters
+        params = set_flip_counters(params, cfg.update.flip_counters)
     return State(params, torch.zeros((), dtype=torch.int64, device=device), m)
 
 
@@ -105,13 +127,41 @@ def check_batch(batch: torch.Tensor, cfg: ModelConfig) -> None:
         raise ValueError(f"token ids must be in 0..{cfg.vocab_size - 1}, got range {lo}..{hi}")
 
 
-def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: bool = False) -> ModelOutput:
-    """Token ids [B, T] -> :class:`ModelOutput`. ``carry`` continues the conversation memory of the
-    previous segment; ``fixed_loops`` runs every halting loop for its full step count (compile-friendly)."""
+def check_features(features: dict[str, torch.Tensor] | None, cfg: ModelConfig, batch_size: int) -> None:
+    """Clear errors for sidecar features the model cannot take (the sequencers check each one's shape)."""
+    for name, f in (features or {}).items():
+        if name not in MODALITIES:
+            raise ValueError(f"unknown feature modality {name!r}; known: {', '.join(MODALITIES)}")
+        if not getattr(cfg, f"enable_{name}"):
+            raise ValueError(f"{name} features given but enable_{name} is off in the model config")
+        if not isinstance(f, torch.Tensor) or f.dim() != 3 or f.shape[0] != batch_size:
+            raise ValueError(f"{name} features must be [{batch_size}, F, d_feature] (one row per batch row), got "
+                             f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
+
+
+def _sequences(p: dict[str, Any], cfg: ModelConfig, batch: torch.Tensor,
+               features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each present modality's sequencer output [B, T_m, d_model], in stream order (image, audio, text)."""
+    seq, out = cfg.sequencers, {}
+    if "image" in features:
+        out["image"] = image_sequencer(p["image"], features["image"], seq.image_window)
+    if "audio" in features:
+        out["audio"] = audio_sequencer(p["audio"], features["audio"], seq.audio_window)
+    out["text"] = text_sequencer(p["text"], batch, cfg.window)
+    return out
+
+
+def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: bool = False,
+            features: dict[str, torch.Tensor] | None = None) -> ModelOutput:
+    """Token ids [B, T] (+ sidecar ``features`` {"image": [B, P, d_image], "audio": [B, F, d_audio]}, each
+    optional) -> :class:`ModelOutput`. ``carry`` continues the conversation memory of the previous segment;
+    ``fixed_loops`` runs every halting loop for its full step count (compile-friendly)."""
     cfg, p = state.config, state.params
     check_batch(batch, cfg)
+    check_features(features, cfg, batch.shape[0])
     aux: dict[str, torch.Tensor] = {}
-    x = text_sequencer(p["text"], batch, cfg.window)
+    seqs = _sequences(p, cfg, batch, features or {})
+    x = torch.cat(list(seqs.values()), dim=1)
     for bp in p["blocks"]:
         x = block(bp, x, cfg.n_heads)
     if cfg.enable_memory:
@@ -119,7 +169,8 @@ def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: b
         aux["memory_slots"] = mem_aux["slot_indices"]
     if cfg.enable_vq:
         # the residual stream grows with depth: quantize its direction (a parameter-free RMS normalisation)
-        b = bridge(p["bridge"], p["vq"], {"text": F.rms_norm(x, (cfg.d_model,))}, exact_limit=cfg.vq.exact_limit,
+        spans = F.rms_norm(x, (cfg.d_model,)).split([s.shape[1] for s in seqs.values()], dim=1)
+        b = bridge(p["bridge"], p["vq"], dict(zip(seqs, spans)), exact_limit=cfg.vq.exact_limit,
                    n_candidates=cfg.vq.n_candidates)
         x = x + b.quantized
         aux["vq_indices"], aux["commitment"] = b.indices, b.commitment
@@ -130,7 +181,7 @@ def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: b
         x, m_aux = moe_act(p["moe"], x, cfg.moe.top_k, cfg.moe.max_steps, cfg.act_threshold, fixed=fixed_loops,
                            dense_limit=cfg.moe.dense_limit)
         aux["moe_ponder"] = m_aux["ponder"]
-    h = rmsnorm(p["norm"], x)
+    h = rmsnorm(p["norm"], x[:, x.shape[1] - batch.shape[1]:])
     return ModelOutput(linear(p["head"], h), output_router(p["router"], h), h, carry, aux)
 
 

@@ -2,8 +2,11 @@
 
 A batch is token ids [B, T] or a dict with ``"bytes"`` and optionally
 ``"video_latent"`` (B,16,1,32,32), ``"video_noise"`` (same shape) and ``"video_step"`` (int64 [B]) for the
-VideoHead's noise-prediction loss, and ``"audio_tokens"`` (int64 [B, L]) for the TalkerHead. Noise is part
-of the batch so that a step stays a pure function of state and batch.
+VideoHead's noise-prediction loss, ``"audio_tokens"`` (int64 [B, L]) for the TalkerHead, and the frozen
+sidecar features the image/audio sequencers take: ``"image_features"`` [B, P, d_image] (DINOv2 patches) and
+``"audio_features"`` [B, F, d_audio] (Moonshine frames), made from pixels/audio by
+``arbfn.multimodal.featurize``. Noise is part of the batch so that a step stays a pure function of state and
+batch. The byte loss is over the text positions only.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from arbfn.layers.heads import talker_head, video_loss
 from arbfn.model import State, forward
 
 ROUTER_BYTE = 0  # index of the byte head in the output router
+FEATURE_KEYS = {"image_features": "image", "audio_features": "audio"}  # batch key -> model feature modality
 
 
 def as_batch(batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -28,7 +32,7 @@ def as_batch(batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.T
     ids = b["bytes"]
     if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] < 2:
         raise ValueError(f"the loss needs at least 2 tokens per row (next-byte targets), got shape {tuple(ids.shape)}")
-    unknown = set(b) - {"bytes", "video_latent", "video_noise", "video_step", "audio_tokens"}
+    unknown = set(b) - {"bytes", "video_latent", "video_noise", "video_step", "audio_tokens", *FEATURE_KEYS}
     if unknown:
         raise ValueError(f"unknown batch keys {sorted(unknown)}")
     video = {"video_latent", "video_noise", "video_step"} & set(b)
@@ -52,7 +56,8 @@ def objective(state: State, batch: Any, tc: TrainConfig, fixed_loops: bool = Fal
     """(total loss, aux): aux holds each loss term (detached) and the counters' evidence (VQ indices, slots).
     ``fixed_loops`` runs the halting loops for their full step count (what a compiled step traces)."""
     b = as_batch(batch)
-    out = forward(state, b["bytes"], fixed_loops=fixed_loops)
+    features = {m: b[k] for k, m in FEATURE_KEYS.items() if k in b}
+    out = forward(state, b["bytes"], fixed_loops=fixed_loops, features=features)
     terms = {"byte_loss": byte_loss(out.logits, b["bytes"]),
              "router_loss": -torch.log(out.router[..., ROUTER_BYTE].clamp_min(1e-6)).mean()}
     if "commitment" in out.aux:

@@ -1,8 +1,9 @@
 """The packed ternary weight as a pytree node, and the tree-wide helpers a train step needs.
 
 A :class:`TernaryWeight` holds only integers: packed trits (uint8, 5 per byte), an int8 log2 scale per
-group of ``group_size`` inputs, and the int8 vote accumulators. ``probe`` is never persistent: a train
-step attaches a zero float tensor there so that autograd delivers ``dL/dW`` (DESIGN.md §4).
+group of ``group_size`` inputs, and the int8 vote accumulators: ``e_accum`` per group, ``t_accum`` per
+weight for counter flips only (stochastic flips keep none: ``UpdateConfig.flip_mode``). ``probe`` is never
+persistent: a train step attaches a zero float tensor there so that autograd delivers ``dL/dW`` (DESIGN.md §4).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class TernaryWeight:
 
     @property
     def trainable(self) -> bool:
-        """Whether the vote accumulators are present (inference-only weights drop them)."""
-        return self.t_accum is not None
+        """Whether the exponent accumulator is present (inference-only weights drop both accumulators)."""
+        return self.e_accum is not None
 
 
 def _flatten(w: TernaryWeight):
@@ -121,8 +122,9 @@ def validate_weight(w: TernaryWeight, name: str = "weight") -> None:
         n, g = w.out_features, n_groups(w.in_features, w.group_size)
         expected = {"exp": (w.exp, torch.int8, (n, g)), "t_accum": (w.t_accum, torch.int8, (n, w.in_features)),
                     "e_accum": (w.e_accum, torch.int8, (n, g))}
+        optional = {"t_accum": True, "e_accum": w.t_accum is None}  # stochastic flips: no t_accum; frozen: neither
         for field, (t, dtype, shape) in expected.items():
-            if t is None and field != "exp" and w.t_accum is None and w.e_accum is None:
+            if t is None and optional.get(field, False):
                 continue
             if t is None or t.dtype != dtype or tuple(t.shape) != shape:
                 got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
@@ -178,15 +180,43 @@ def attach_probes(tree: Any, probes: Any) -> Any:
                            tree, probes, is_leaf=is_ternary)
 
 
-def update_weight(w: TernaryWeight, grad: torch.Tensor | None, flip_threshold: int, exp_threshold: int
+def update_weight(w: TernaryWeight, grad: torch.Tensor | None, flip_threshold: int, exp_threshold: int,
+                  step: torch.Tensor | None = None, seed: int = 0, index: int = 0
                   ) -> tuple[TernaryWeight, torch.Tensor, torch.Tensor]:
-    """One sign-vote update of ``w`` from ``dL/dW``; returns (new weight, trits flipped, exponents moved)."""
+    """One sign-vote update of ``w`` from ``dL/dW``; returns (new weight, trits flipped, exponents moved).
+
+    Without ``step``: counter flips (``w`` needs ``t_accum``). With ``step`` (the state's int64 step counter):
+    stochastic flips drawn from the stream of (run ``seed``, tensor number ``index``); the new weight has no
+    t_accum (a counter it had is dropped: this rule never reads it).
+    """
     zero = torch.zeros((), dtype=torch.int64, device=w.packed.device)
     if grad is None or not w.trainable:
         return w, zero, zero
+    k, gs = w.in_features, w.group_size
+    if step is not None:
+        packed, exp, e_acc, flips, moves = update_ops.ternary_update_stochastic(
+            w.packed, w.exp, w.e_accum, grad, step, k, gs, flip_threshold, exp_threshold,
+            update_ops.stream_seed(seed, index))
+        return TernaryWeight(packed, exp, None, e_acc, k, gs), flips, moves
+    if w.t_accum is None:
+        raise ValueError("counter flips need t_accum; this weight has none (laid out for stochastic flips: "
+                         "set_flip_counters(tree, True) adds zero counters)")
     packed, exp, t_acc, e_acc, flips, moves = update_ops.ternary_update(
-        w.packed, w.exp, w.t_accum, w.e_accum, grad, w.in_features, w.group_size, flip_threshold, exp_threshold)
-    return TernaryWeight(packed, exp, t_acc, e_acc, w.in_features, w.group_size), flips, moves
+        w.packed, w.exp, w.t_accum, w.e_accum, grad, k, gs, flip_threshold, exp_threshold)
+    return TernaryWeight(packed, exp, t_acc, e_acc, k, gs), flips, moves
+
+
+def set_flip_counters(tree: Any, present: bool) -> Any:
+    """``tree`` (params, a State, any pytree) with every trainable weight's ``t_accum`` present (kept, or zeros:
+    no votes yet) or dropped: the layout of a flip mode (``UpdateConfig.flip_counters``)."""
+
+    def layout(w: TernaryWeight) -> TernaryWeight:
+        if not w.trainable or (w.t_accum is not None) == present:
+            return w
+        counters = torch.zeros((w.out_features, w.in_features), dtype=torch.int8, device=w.packed.device)
+        return dataclasses.replace(w, t_accum=counters if present else None)
+
+    return map_weights(layout, tree)
 
 
 def to_device(tree: Any, device: torch.device | str) -> Any:

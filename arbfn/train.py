@@ -55,13 +55,18 @@ def gradient_signals(state: State, batch: Any, tc: TrainConfig | None = None) ->
 
 
 def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State, dict[str, torch.Tensor]]:
-    """New state after one sign-vote update from ``grads``; counts of flipped trits and moved exponents."""
+    """New state after one sign-vote update from ``grads``; counts of flipped trits and moved exponents.
+
+    Stochastic flips (``update.flip_mode``) draw from (update.seed, the state's step, the weight's number in
+    pytree order), so the update stays a function of its inputs."""
     counts = {"flips": [], "exp_moves": []}
+    step = state.step if update.flip_mode == "stochastic" else None
 
     def upd(w, g):
         if not is_ternary(w):
             return w
-        new, flips, moves = update_weight(w, g, update.flip_threshold, update.exp_threshold)
+        new, flips, moves = update_weight(w, g, update.flip_threshold, update.exp_threshold, step, update.seed,
+                                          len(counts["flips"]))
         counts["flips"].append(flips)
         counts["exp_moves"].append(moves)
         return new
@@ -99,10 +104,13 @@ def evaluate(state: State, batches: list[torch.Tensor]) -> float:
 
 
 def train(cfg: Config, state: State, corpus: bytes, out_dir: Path | None = None,
-          on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[State, list[dict[str, float]]]:
+          on_step: Callable[[int, dict[str, float]], None] | None = None,
+          step_fn: Callable[[State, Any, Config], tuple[State, dict[str, torch.Tensor]]] = train_step,
+          ) -> tuple[State, list[dict[str, float]]]:
     """Train ``state`` for ``cfg.train.steps`` steps on ``corpus``; returns the final state and per-step metrics.
 
     With ``out_dir``, each step's metrics are appended to ``out_dir/metrics.jsonl`` as they happen.
+    ``step_fn`` takes the place of :func:`train_step` (arbfn.distributed passes its data-parallel step).
     """
     tc = cfg.train
     train_data, held_out = data_mod.split_corpus(corpus, tc.held_out_fraction)
@@ -118,7 +126,7 @@ def train(cfg: Config, state: State, corpus: bytes, out_dir: Path | None = None,
         for i in range(tc.steps):
             batch = next(batches).to(device)
             t0 = time.perf_counter()
-            state, m = train_step(state, batch, cfg)
+            state, m = step_fn(state, batch, cfg)
             row = {k: float(v) for k, v in m.items()}
             row.update(step=int(state.step), bytes_per_s=batch.numel() / (time.perf_counter() - t0))
             if i == tc.steps - 1 and eval_set:

@@ -1,9 +1,13 @@
-"""Learning vs the update rule's thresholds: trains a preset once per setting on the same batches.
+"""Learning vs the update rule's knobs: trains a preset once per setting on the same batches.
 
-    python -m benchmarks.update_thresholds [--preset tiny] [--steps N] [--settings 8:4,8:32,16:32]
+    python -m benchmarks.update_thresholds [--preset tiny] [--steps N] [--settings 8:4,8:32,64:32:stochastic]
+    python -m benchmarks.update_thresholds --twin [--steps N] [--settings ...]
 
-Prints one row per (flip_threshold, exp_threshold): first and final next-byte loss, the worst total loss
-(all objective terms) over the run, held-out bits/byte, and the flips over the run. Runs on CPU or GPU.
+A setting is ``flip_threshold:exp_threshold[:flip_mode[:seed]]`` (mode "counter" unless given). By default it
+prints one row per setting of the whole preset: first and final next-byte loss, the worst total loss (all
+objective terms) over the run, held-out bits/byte, and the flips over the run. With ``--twin`` it runs
+:func:`arbfn.compare.compare` (byte path against the float twin) and prints held-out bits/byte of both, their
+ratio and the ternary state's bytes/weight (on CPU, as arbfn compare). The whole-preset runs use CPU or GPU.
 """
 
 from __future__ import annotations
@@ -14,17 +18,33 @@ import dataclasses
 import torch
 
 from arbfn import data
-from arbfn.config import UpdateConfig, preset
+from arbfn.compare import compare
+from arbfn.config import Config, UpdateConfig, preset
 from arbfn.model import init_model
-from arbfn.ternary import to_device
+from arbfn.ternary import set_flip_counters, to_device
 from arbfn.train import train
 
 
-def run(name: str, flip: int, exp: int, steps: int, device: str) -> dict[str, float]:
-    """One training run of preset ``name`` with the given thresholds; summary figures."""
+def parse_setting(text: str) -> UpdateConfig:
+    """``"flip:exp[:mode[:seed]]"`` as an UpdateConfig."""
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 4:
+        raise ValueError(f"a setting is flip:exp[:mode[:seed]], got {text!r}")
+    mode = parts[2] if len(parts) > 2 else "counter"
+    seed = int(parts[3]) if len(parts) > 3 else 0
+    return UpdateConfig(int(parts[0]), int(parts[1]), mode, seed)
+
+
+def configure(name: str, update: UpdateConfig, steps: int) -> Config:
+    """Preset ``name`` with ``update`` and ``steps``."""
     cfg = preset(name)
-    cfg = dataclasses.replace(cfg, update=UpdateConfig(flip, exp), train=dataclasses.replace(cfg.train, steps=steps))
+    return dataclasses.replace(cfg, update=update, train=dataclasses.replace(cfg.train, steps=steps))
+
+
+def run(cfg: Config, device: str) -> dict[str, float]:
+    """One training run of the whole model; summary figures."""
     state = to_device(init_model(cfg, torch.Generator().manual_seed(cfg.train.seed)), device)
+    state = set_flip_counters(state, cfg.update.flip_counters)
     _, hist = train(cfg, state, data.load_corpus())
     return {"first": hist[0]["byte_loss"], "final": sum(h["byte_loss"] for h in hist[-5:]) / 5,
             "worst": max(h["loss"] for h in hist), "held_out_bpb": hist[-1]["held_out_bpb"],
@@ -37,15 +57,29 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--settings", default="8:4,8:32,16:32,32:32")
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--twin", action="store_true", help="byte path against the float twin (arbfn.compare)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    print(f"{a.preset} preset, {a.steps} steps, device {a.device}")
-    print("| flip θ | exp θ | byte loss step 1 | byte loss (last 5 mean) | worst total loss | held-out bits/byte | flips |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for s in a.settings.split(","):
-        f, e = (int(x) for x in s.split(":"))
-        r = run(a.preset, f, e, a.steps, a.device)
-        print(f"| {f} | {e} | {r['first']:.3f} | {r['final']:.3f} | {r['worst']:.3f} | {r['held_out_bpb']:.3f} | {int(r['flips']):,} |")
+    updates = [parse_setting(s) for s in a.settings.split(",")]
+    print(f"{a.preset} preset{' byte path vs float twin' if a.twin else ''}, {a.steps} steps, device {a.device}")
+    if a.twin:
+        print("| flip mode | flip θ | exp θ | seed | bpb ternary | bpb float | ratio | bytes/weight |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    else:
+        print("| flip mode | flip θ | exp θ | byte loss step 1 | byte loss (last 5 mean) | worst total loss "
+              "| held-out bits/byte | flips |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for u in updates:
+        cfg = configure(a.preset, u, a.steps)
+        head = f"| {u.flip_mode} | {u.flip_threshold} | {u.exp_threshold} |"
+        if a.twin:
+            r = compare(cfg, data.load_corpus())
+            print(f"{head} {u.seed} | {r['bpb_ternary']:.4f} | {r['bpb_float']:.4f} | {r['ratio']:.3f} "
+                  f"| {r['bytes_per_weight']:.3f} |", flush=True)
+        else:
+            r = run(cfg, a.device)
+            print(f"{head} {r['first']:.3f} | {r['final']:.3f} | {r['worst']:.3f} | {r['held_out_bpb']:.3f} "
+                  f"| {int(r['flips']):,} |", flush=True)
 
 
 if __name__ == "__main__":

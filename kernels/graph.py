@@ -26,9 +26,16 @@ from kernels._vmap import data_checkable, per_sample
 # ---------------------------------------------------------------- references
 
 
+def in_degree(dst: torch.Tensor, n_nodes: int) -> torch.Tensor:
+    """int32 [n_nodes]: edges into each node. A scatter-add, not ``bincount``, whose CUDA version reads the
+    maximum back to the host: that sync would break CUDA-graph capture of the compiled loops."""
+    counts = torch.zeros(n_nodes, dtype=torch.int32, device=dst.device)
+    return counts.index_add_(0, dst.long(), torch.ones_like(dst, dtype=torch.int32))
+
+
 def edge_scale(dst: torch.Tensor, attr: torch.Tensor, score: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """Per-edge fp32 weight ``attr * score / 127 / max(1, indeg(dst))`` (indeg counts every edge)."""
-    indeg = torch.bincount(dst.long(), minlength=n_nodes).clamp_min(1)
+    indeg = in_degree(dst, n_nodes).clamp_min(1)
     return attr.float() * score.float() / 127.0 / indeg[dst.long()].float()
 
 
@@ -82,7 +89,7 @@ def _edge_scatter_triton(h: torch.Tensor, gather: torch.Tensor, scatter: torch.T
     out = torch.zeros((v, d), dtype=torch.float32, device=h.device)
     e = dst.numel()
     if out.numel() and e:
-        indeg = torch.bincount(dst.long(), minlength=v).to(torch.int32)
+        indeg = in_degree(dst, v)
         _edge_scatter_kernel[(cdiv(e, 32), cdiv(d, 64))](
             h.contiguous(), gather.contiguous(), scatter.contiguous(), dst.contiguous(), attr.contiguous(),
             score.contiguous(), indeg, out, e, d, BLOCK_E=32, BLOCK_D=64)

@@ -1,16 +1,32 @@
 """The sign-vote update: flip packed trits and move group exponents from the signs of ``dL/dW``.
 
-Op ``arbfn::ternary_update(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold,
-exp_threshold) -> (packed', exp', t_accum', e_accum', flips, exp_moves)``; a pure function (new tensors,
-inputs never written). Shapes: packed uint8 [N, ceil(k/5)], exp int8 [N, G] with G = ceil(k/group_size),
-t_accum int8 [N, k], e_accum int8 [N, G], grad float [N, k] = dL/dW; flips and exp_moves are 0-dim int64.
+Two ops, each a pure function (new tensors, inputs never written):
 
-The rule, with θ = flip_threshold and θE = exp_threshold (both 1..127), all arithmetic in int32:
+* ``arbfn::ternary_update(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold,
+  exp_threshold) -> (packed', exp', t_accum', e_accum', flips, exp_moves)``: counter flips (below);
+* ``arbfn::ternary_update_stochastic(packed, exp, e_accum, grad, step, k, group_size, flip_threshold,
+  exp_threshold, seed) -> (packed', exp', e_accum', flips, exp_moves)``: counter-free flips (below), no
+  per-weight state at all (1 byte per weight less than the counter op).
+
+Shapes: packed uint8 [N, ceil(k/5)], exp int8 [N, G] with G = ceil(k/group_size), t_accum int8 [N, k],
+e_accum int8 [N, G], grad float [N, k] = dL/dW, step a 0-dim int64 tensor; flips and exp_moves are 0-dim
+int64.
+
+The rule, with θ = flip_threshold and θE = exp_threshold (both 1..127), votes in int32, hashes in int64:
 
 * sign s = +1 where grad > 0, -1 where grad < 0, 0 where grad == 0 or NaN (NaN never votes);
   the trit vote is v = -s (descent direction).
-* flip, with the OLD trit t: a = clamp(t_accum + v, -θ, θ) (saturates, never wraps);
+* counter flip, with the OLD trit t: a = clamp(t_accum + v, -θ, θ) (saturates, never wraps);
   up = (a >= θ) & (t < 1); down = (a <= -θ) & (t > -1); t' = t + up - down; a' = 0 where up | down, else a.
+* stochastic flip, with the OLD trit t: go = u < 2**24 // θ, with u the draw of this weight;
+  up = go & (v > 0) & (t < 1); down = go & (v < 0) & (t > -1); t' = t + up - down. A vote moves its trit
+  with probability floor(2**24/θ) / 2**24 ≈ 1/θ (always for θ = 1, where both flip rules agree).
+  The draw is a counter-based hash, so a step stays a function of (state, grad, step, seed):
+  key = mix32((step mod 2**32) * W + seed mod 2**32); u = mix32((n*k + c) * W + key mod 2**32) >> 8 for
+  weight [n, c], with W = 0x61C88647 and mix32 Wellons' lowbias32 (multipliers 0x21F0AAAD, 0x735A2D97).
+  All hash arithmetic is int64 on values below 2**32 times constants below 2**31, so no product
+  overflows and no unsigned or 8-bit type is involved (the Triton interpreter's weak spot). ``seed``
+  (0 <= seed < 2**32) names the stream; :func:`stream_seed` derives one per tensor from a run seed.
 * exponent, per group g of row n, with the OLD trits (same gradient signs, before the flip):
   score = Σ_{k in g, k < K} s_k * t_k; b = clamp(e_accum - sign(score), -θE, θE);
   if b >= θE and E < 127: E += 1, b -= θE; elif b <= -θE and E > -128: E -= 1, b += θE.
@@ -18,7 +34,7 @@ The rule, with θ = flip_threshold and θE = exp_threshold (both 1..127), all ar
 * padding trits (columns >= k of a row's last byte) are written as zero trits (digit 1), always.
 * flips = number of trits changed; exp_moves = number of exponents changed.
 
-CUDA runs two Triton kernels over flattened indices (exponent: a block of (row, group) pairs per
+CUDA runs two Triton kernels per op over flattened indices (exponent: a block of (row, group) pairs per
 program; flip: a block of (row, packed byte) pairs per program, 5 digits each), each writing a
 per-program int32 count that torch sums to int64 (deterministic, no atomics). Offsets are int32, so
 N * k must stay below 2**31. CPU runs the pure-torch reference, which is also the tests' oracle.
@@ -34,12 +50,19 @@ from kernels._triton import cdiv, check_launchable, trit_of
 from kernels.packing import check_group_size, n_groups, pack_reference, packed_width, unpack_reference
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+StochasticOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 MAX_THRESHOLD = 127
+MASK32 = 0xFFFFFFFF
+WEYL = 0x61C88647  # 2**32 - the golden-ratio constant 0x9E3779B9: below 2**31, odd
+MIX1, MIX2 = 0x21F0AAAD, 0x735A2D97  # lowbias32 multipliers, both below 2**31
+DRAW_BITS = 24  # u is a 24-bit draw
 
 
-def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
+def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
                       grad: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int) -> None:
-    """Raise ValueError on bad ints, dtypes or shapes (metadata only: no data-dependent checks)."""
+    """Raise ValueError on bad ints, dtypes or shapes (metadata only: no data-dependent checks).
+
+    ``t_accum=None`` checks the stochastic op's arguments, which have no per-weight accumulator."""
     for name, th in (("flip_threshold", flip_threshold), ("exp_threshold", exp_threshold)):
         if not 1 <= th <= MAX_THRESHOLD:
             raise ValueError(f"{name} must be in 1..{MAX_THRESHOLD}, got {th}")
@@ -47,8 +70,10 @@ def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Te
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     n, kb, g = packed.shape[0] if packed.dim() == 2 else -1, packed_width(k), n_groups(k, group_size)
-    expect = (("packed", packed, torch.uint8, (n, kb)), ("exp", exp, torch.int8, (n, g)),
-              ("t_accum", t_accum, torch.int8, (n, k)), ("e_accum", e_accum, torch.int8, (n, g)))
+    expect = [("packed", packed, torch.uint8, (n, kb)), ("exp", exp, torch.int8, (n, g)),
+              ("e_accum", e_accum, torch.int8, (n, g))]
+    if t_accum is not None:
+        expect.append(("t_accum", t_accum, torch.int8, (n, k)))
     for name, t, dtype, shape in expect:
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise ValueError(f"{name} must be {dtype} of shape {shape} (k={k}, group_size={group_size}), "
@@ -59,24 +84,63 @@ def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Te
         raise ValueError(f"N * k must be below 2**31 (int32 offsets), got {n} * {k}")
 
 
+def check_stochastic_args(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor, grad: torch.Tensor,
+                          step: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int,
+                          seed: int) -> None:
+    """:func:`check_update_args` for the stochastic op, plus its step tensor and seed."""
+    check_update_args(packed, exp, None, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
+    if step.dtype != torch.int64 or step.dim() != 0:
+        raise ValueError(f"step must be a 0-dim int64 tensor, got {step.dtype} of shape {tuple(step.shape)}")
+    if not 0 <= seed <= MASK32:
+        raise ValueError(f"seed must be in 0..2**32-1, got {seed}")
+
+
+# ---------------------------------------------------------------- the counter-based hash (torch and Python ints)
+
+
+def mix32(x):
+    """Wellons' lowbias32 of ``x`` in [0, 2**32) (a Python int or an int64 tensor); the same in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * MIX1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MIX2) & MASK32
+    return x ^ (x >> 15)
+
+
+def stream_seed(seed: int, index: int) -> int:
+    """A 32-bit stream id for tensor number ``index`` of a run seeded ``seed`` (both >= 0)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got {seed}, {index}")
+    return mix32(mix32(seed & MASK32) ^ (index & MASK32))
+
+
+def step_key(step: torch.Tensor, seed: int) -> torch.Tensor:
+    """The 0-dim int64 key in [0, 2**32) of one (step, stream): torch ops, shared by both implementations."""
+    return mix32(((step & MASK32) * WEYL + seed) & MASK32)
+
+
+def draws(key: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The 24-bit draws u [n, k] (int64) of every weight under ``key``."""
+    idx = torch.arange(n * k, dtype=torch.int64, device=key.device).view(n, k)
+    return mix32((idx * WEYL + key) & MASK32) >> (32 - DRAW_BITS)
+
+
+def flip_cutoff(flip_threshold: int) -> int:
+    """A vote moves its trit where its draw is below this: floor(2**24 / θ)."""
+    return (1 << DRAW_BITS) // flip_threshold
+
+
 # ---------------------------------------------------------------- reference (CPU path, test oracle)
 
 
-def ternary_update_reference(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
-                             grad: torch.Tensor, k: int, group_size: int, flip_threshold: int,
-                             exp_threshold: int) -> Outputs:
-    """Pure-torch update rule (see the module docstring)."""
-    check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
-    packed, exp, t_accum, e_accum, grad = (x.contiguous() for x in (packed, exp, t_accum, e_accum, grad))
-    n, th, the = packed.shape[0], flip_threshold, exp_threshold
-    t = unpack_reference(packed, k).to(torch.int32)
-    s = (grad > 0).to(torch.int32) - (grad < 0).to(torch.int32)
-    a = (t_accum.to(torch.int32) - s).clamp(-th, th)
-    up, down = (a >= th) & (t < 1), (a <= -th) & (t > -1)
-    moved = up | down
-    new_t = (t + up.to(torch.int32) - down.to(torch.int32)).to(torch.int8)
-    new_a = torch.where(moved, 0, a).to(torch.int8)
-    g = n_groups(k, group_size)
+def _signs(grad: torch.Tensor) -> torch.Tensor:
+    return (grad > 0).to(torch.int32) - (grad < 0).to(torch.int32)
+
+
+def _exponent_rule(t: torch.Tensor, s: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor, k: int,
+                   group_size: int, the: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exp', e_accum', exp_moves) from the OLD trits ``t`` and signs ``s`` (both int32 [N, k])."""
+    n, g = t.shape[0], n_groups(k, group_size)
     score = torch.nn.functional.pad(s * t, (0, g * group_size - k)).view(n, g, group_size).sum(-1)
     e = exp.to(torch.int32)
     b = (e_accum.to(torch.int32) - torch.sign(score)).clamp(-the, the)
@@ -84,9 +148,45 @@ def ternary_update_reference(packed: torch.Tensor, exp: torch.Tensor, t_accum: t
     inc_i, dec_i = inc.to(torch.int32), dec.to(torch.int32)
     new_e = (e + inc_i - dec_i).to(torch.int8)
     new_b = (b - the * inc_i + the * dec_i).to(torch.int8)
-    flips = moved.sum(dtype=torch.int64)
-    moves = (inc | dec).sum(dtype=torch.int64)
-    return pack_reference(new_t), new_e, new_a, new_b, flips, moves
+    return new_e, new_b, (inc | dec).sum(dtype=torch.int64)
+
+
+def _moved(t: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed new trits, flips) from the old trits and the up/down masks."""
+    new_t = (t + up.to(torch.int32) - down.to(torch.int32)).to(torch.int8)
+    return pack_reference(new_t), (up | down).sum(dtype=torch.int64)
+
+
+def ternary_update_reference(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
+                             grad: torch.Tensor, k: int, group_size: int, flip_threshold: int,
+                             exp_threshold: int) -> Outputs:
+    """Pure-torch counter rule (see the module docstring)."""
+    check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
+    packed, exp, t_accum, e_accum, grad = (x.contiguous() for x in (packed, exp, t_accum, e_accum, grad))
+    th = flip_threshold
+    t = unpack_reference(packed, k).to(torch.int32)
+    s = _signs(grad)
+    a = (t_accum.to(torch.int32) - s).clamp(-th, th)
+    up, down = (a >= th) & (t < 1), (a <= -th) & (t > -1)
+    new_a = torch.where(up | down, 0, a).to(torch.int8)
+    new_e, new_b, moves = _exponent_rule(t, s, exp, e_accum, k, group_size, exp_threshold)
+    new_packed, flips = _moved(t, up, down)
+    return new_packed, new_e, new_a, new_b, flips, moves
+
+
+def ternary_update_stochastic_reference(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor,
+                                        grad: torch.Tensor, step: torch.Tensor, k: int, group_size: int,
+                                        flip_threshold: int, exp_threshold: int, seed: int) -> StochasticOutputs:
+    """Pure-torch stochastic rule (see the module docstring)."""
+    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed)
+    packed, exp, e_accum, grad = (x.contiguous() for x in (packed, exp, e_accum, grad))
+    t = unpack_reference(packed, k).to(torch.int32)
+    s = _signs(grad)
+    go = draws(step_key(step, seed), packed.shape[0], k) < flip_cutoff(flip_threshold)
+    up, down = go & (s < 0) & (t < 1), go & (s > 0) & (t > -1)
+    new_e, new_b, moves = _exponent_rule(t, s, exp, e_accum, k, group_size, exp_threshold)
+    new_packed, flips = _moved(t, up, down)
+    return new_packed, new_e, new_b, flips, moves
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -97,6 +197,28 @@ def _sign_of(grad_ptr, offs, mask):
     """int32 sign of grad (0 for zero, NaN and masked lanes)."""
     gr = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return (gr > 0.0).to(tl.int32) - (gr < 0.0).to(tl.int32)
+
+
+@triton.jit
+def _low32(x):
+    """x mod 2**32 for int64 x, by shifts only (no 32-bit unsigned literal)."""
+    return x - ((x >> 32) << 32)
+
+
+@triton.jit
+def _mix32(x):
+    """:func:`mix32` on int64 values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _low32(x * 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _low32(x * 0x735A2D97)
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _draw(key, offs):
+    """:func:`draws` at flat int32 offsets ``offs`` (int64 result in [0, 2**24))."""
+    return _mix32(_low32(offs.to(tl.int64) * 0x61C88647 + key)) >> 8
 
 
 @triton.jit(do_not_specialize=["NG", "K", "KB", "G", "THE"])  # sizes vary per call: one compile, not one per size
@@ -123,8 +245,10 @@ def _exp_update_kernel(packed_ptr, exp_ptr, e_accum_ptr, grad_ptr, new_exp_ptr, 
 
 
 @triton.jit(do_not_specialize=["NKB", "K", "KB", "TH"])  # sizes vary per call: one compile, not one per size
-def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, new_packed_ptr, new_t_accum_ptr, count_ptr,
-                 NKB, K, KB, TH, BLOCK_B: tl.constexpr):
+def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new_t_accum_ptr, count_ptr,
+                 NKB, K, KB, TH, BLOCK_B: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Counter flips (t_accum in and out; key unused), or with STOCHASTIC hashed flips where a draw is
+    below TH (the cutoff; t_accum pointers unused)."""
     pid = tl.program_id(0)
     q = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # flat (row, byte) index over N * KB
     qmask = q < NKB
@@ -133,19 +257,26 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, new_packed_ptr, new_t_accum_
     new_byte = tl.zeros((BLOCK_B,), tl.int32)
     flips = tl.zeros((BLOCK_B,), tl.int32)
     weight = 1
+    if STOCHASTIC:
+        key = tl.load(key_ptr)
     for i in tl.static_range(5):
         cols = bcol * 5 + i
         mask = qmask & (cols < K)
         offs = row * K + cols
         t = trit_of(byte, cols)
-        a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - _sign_of(grad_ptr, offs, mask)
-        a = tl.minimum(tl.maximum(a, -TH), TH)
-        up = ((a >= TH) & (t < 1)).to(tl.int32)
-        down = ((a <= -TH) & (t > -1)).to(tl.int32)
-        moved = up + down
-        tl.store(new_t_accum_ptr + offs, tl.where(moved > 0, 0, a).to(tl.int8), mask=mask)
+        s = _sign_of(grad_ptr, offs, mask)
+        if STOCHASTIC:
+            go = _draw(key, offs) < TH
+            up = (go & (s < 0) & (t < 1)).to(tl.int32)
+            down = (go & (s > 0) & (t > -1)).to(tl.int32)
+        else:
+            a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
+            a = tl.minimum(tl.maximum(a, -TH), TH)
+            up = ((a >= TH) & (t < 1)).to(tl.int32)
+            down = ((a <= -TH) & (t > -1)).to(tl.int32)
+            tl.store(new_t_accum_ptr + offs, tl.where(up + down > 0, 0, a).to(tl.int8), mask=mask)
         new_byte += tl.where(mask, t + up - down + 1, 1) * weight
-        flips += tl.where(mask, moved, 0)
+        flips += tl.where(mask, up + down, 0)
         weight *= 3
     tl.store(new_packed_ptr + q, new_byte.to(tl.uint8), mask=qmask)
     tl.store(count_ptr + pid, tl.sum(flips, axis=0))
@@ -155,15 +286,13 @@ _FLIP_BLOCK = 1024  # packed bytes per flip program
 _EXP_TILE = 4096  # elements per exponent program (BLOCK_Q * GS_P2)
 
 
-def ternary_update_triton(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
-                          grad: torch.Tensor, k: int, group_size: int, flip_threshold: int,
-                          exp_threshold: int) -> Outputs:
-    """Launch the exponent and flip kernels (CUDA, or CPU under the interpreter)."""
-    check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
-    check_launchable(packed, exp, t_accum, e_accum, grad)
-    packed, exp, t_accum, e_accum, grad = (x.contiguous() for x in (packed, exp, t_accum, e_accum, grad))
+def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
+            grad: torch.Tensor, key: torch.Tensor | None, k: int, group_size: int, flip_cut: int,
+            exp_threshold: int) -> Outputs:
+    """Both kernels on contiguous, checked inputs; ``key`` selects stochastic flips (t_accum' is then None)."""
     n, kb, g = packed.shape[0], packed_width(k), n_groups(k, group_size)
-    new_packed, new_t_accum = packed.new_empty(packed.shape), t_accum.new_empty(t_accum.shape)
+    new_packed = packed.new_empty(packed.shape)
+    new_t_accum = None if t_accum is None else t_accum.new_empty(t_accum.shape)
     new_exp, new_e_accum = exp.new_empty(exp.shape), e_accum.new_empty(e_accum.shape)
     if n == 0:
         zero = torch.zeros((), dtype=torch.int64, device=packed.device)
@@ -175,20 +304,43 @@ def ternary_update_triton(packed: torch.Tensor, exp: torch.Tensor, t_accum: torc
                                               k, kb, g, exp_threshold, GS=group_size, GS_P2=gs_p2, BLOCK_Q=block_q)
     block_b = min(_FLIP_BLOCK, triton.next_power_of_2(n * kb))
     flip_counts = torch.empty(cdiv(n * kb, block_b), dtype=torch.int32, device=packed.device)
-    _flip_kernel[(flip_counts.numel(),)](packed, t_accum, grad, new_packed, new_t_accum, flip_counts, n * kb, k, kb,
-                                         flip_threshold, BLOCK_B=block_b)
+    _flip_kernel[(flip_counts.numel(),)](packed, t_accum, grad, key, new_packed, new_t_accum, flip_counts, n * kb, k,
+                                         kb, flip_cut, BLOCK_B=block_b, STOCHASTIC=key is not None)
     return (new_packed, new_exp, new_t_accum, new_e_accum,
             flip_counts.sum(dtype=torch.int64), exp_counts.sum(dtype=torch.int64))
 
 
-# ---------------------------------------------------------------- op
+def ternary_update_triton(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
+                          grad: torch.Tensor, k: int, group_size: int, flip_threshold: int,
+                          exp_threshold: int) -> Outputs:
+    """Launch the exponent and counter-flip kernels (CUDA, or CPU under the interpreter)."""
+    check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
+    check_launchable(packed, exp, t_accum, e_accum, grad)
+    inputs = (x.contiguous() for x in (packed, exp, t_accum, e_accum, grad))
+    return _launch(*inputs, None, k, group_size, flip_threshold, exp_threshold)
+
+
+def ternary_update_stochastic_triton(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor,
+                                     grad: torch.Tensor, step: torch.Tensor, k: int, group_size: int,
+                                     flip_threshold: int, exp_threshold: int, seed: int) -> StochasticOutputs:
+    """Launch the exponent and stochastic-flip kernels (CUDA, or CPU under the interpreter)."""
+    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed)
+    check_launchable(packed, exp, e_accum, grad, step)
+    packed, exp, e_accum, grad = (x.contiguous() for x in (packed, exp, e_accum, grad))
+    new_packed, new_exp, _, new_e_accum, flips, moves = _launch(
+        packed, exp, None, e_accum, grad, step_key(step, seed), k, group_size, flip_cutoff(flip_threshold),
+        exp_threshold)
+    return new_packed, new_exp, new_e_accum, flips, moves
+
+
+# ---------------------------------------------------------------- ops
 
 
 @torch.library.custom_op("arbfn::ternary_update", mutates_args=())
 def ternary_update(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
                    grad: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sign-vote step: (packed', exp', t_accum', e_accum', flips, exp_moves); see the module docstring."""
+    """One sign-vote step with counter flips: (packed', exp', t_accum', e_accum', flips, exp_moves)."""
     return ternary_update_reference(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
 
 
@@ -197,9 +349,34 @@ def _(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_th
     return ternary_update_triton(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
 
 
+def _counts_like(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return packed.new_empty((), dtype=torch.int64), packed.new_empty((), dtype=torch.int64)
+
+
 @ternary_update.register_fake
 def _(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold):
     check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
     return (packed.new_empty(packed.shape), exp.new_empty(exp.shape), t_accum.new_empty(t_accum.shape),
-            e_accum.new_empty(e_accum.shape), packed.new_empty((), dtype=torch.int64),
-            packed.new_empty((), dtype=torch.int64))
+            e_accum.new_empty(e_accum.shape), *_counts_like(packed))
+
+
+@torch.library.custom_op("arbfn::ternary_update_stochastic", mutates_args=())
+def ternary_update_stochastic(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor, grad: torch.Tensor,
+                              step: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int,
+                              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sign-vote step with counter-free hashed flips: (packed', exp', e_accum', flips, exp_moves)."""
+    return ternary_update_stochastic_reference(packed, exp, e_accum, grad, step, k, group_size, flip_threshold,
+                                               exp_threshold, seed)
+
+
+@ternary_update_stochastic.register_kernel("cuda")
+def _(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed):
+    return ternary_update_stochastic_triton(packed, exp, e_accum, grad, step, k, group_size, flip_threshold,
+                                            exp_threshold, seed)
+
+
+@ternary_update_stochastic.register_fake
+def _(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed):
+    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed)
+    return packed.new_empty(packed.shape), exp.new_empty(exp.shape), e_accum.new_empty(e_accum.shape), \
+        *_counts_like(packed)

@@ -58,9 +58,6 @@ def test_switches_choose_the_components(flags, areas, ids):
 def test_impossible_switches_name_the_missing_piece():
     with pytest.raises(ValueError, match="enable_graph needs enable_vq"):
         ModelConfig(enable_graph=True)
-    for flag in ("enable_image", "enable_audio"):
-        with pytest.raises(ValueError, match=f"{flag} needs the frozen int8 sidecar encoders"):
-            ModelConfig(**{flag: True})
 
 
 def test_fixed_step_loops_give_the_same_forward(ids):

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from arbfn.audit import AuditError, audit, format_audit
 from arbfn.config import ModelConfig, preset
 from arbfn.model import State, init_model
-from arbfn.ternary import weights
+from arbfn.ternary import set_flip_counters, weights
 
 TINY = preset("tiny")
 KEYS = {"ternary_weights", "state_bytes", "bytes_per_weight", "trainable_float_params", "frozen_float_params",
@@ -53,6 +53,18 @@ def test_tiny_counts(state):
     assert sum(a["state_bytes"] for a in r["areas"].values()) == r["state_bytes"] - 8  # all but the int64 step
     assert r["areas"]["head"]["ternary_weights"] == 297 * 64
     audit(state, strict=True)  # a clean state passes the strict audit
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_stochastic_flip_layout_is_under_0_35_bytes_per_weight(name):
+    """Without per-weight flip counters (UpdateConfig.flip_mode "stochastic") the state drops exactly 1 byte per
+    weight: trits 1/5 + exp and e_accum 2/32 + padding and counters, 0.31 for tiny, 0.28 for small."""
+    full = init_model(preset(name))  # shape-only
+    slim = set_flip_counters(full, False)
+    a, b = audit(full), audit(slim)
+    assert b["ternary_weights"] == a["ternary_weights"]
+    assert b["state_bytes"] == a["state_bytes"] - a["ternary_weights"]
+    assert 0.25 <= b["bytes_per_weight"] <= 0.35
 
 
 def test_json_keys(state):

@@ -15,7 +15,7 @@ from arbfn import checkpoint, data
 from arbfn.checkpoint import FORMAT, CheckpointError, _digest, load, load_config, load_run, save
 from arbfn.config import Config, ModelConfig, UpdateConfig, preset
 from arbfn.model import State, init_model
-from arbfn.ternary import weights
+from arbfn.ternary import set_flip_counters, weights
 from arbfn.train import train_step
 
 CFG = dataclasses.replace(preset("tiny"), update=UpdateConfig(flip_threshold=2, exp_threshold=3))
@@ -95,6 +95,38 @@ def test_save_default_config_and_mismatch(trained, tmp_path):
     back, cfg = load_run(save(small, tmp_path / "small.safetensors"))
     assert cfg.model == small.config and cfg.train.context <= 16
     assert all(torch.equal(x, y) for x, y in zip(tensors(back).values(), tensors(small).values()))
+
+
+STOCHASTIC = dataclasses.replace(CFG, update=UpdateConfig(flip_threshold=2, exp_threshold=3, flip_mode="stochastic",
+                                                          seed=5))
+
+
+def test_stochastic_state_saves_without_counters_and_round_trips(tmp_path):
+    """A stochastic-flip state has no t_accum in the file; it loads bit-exact, with or without a given config."""
+    state = init_model(STOCHASTIC, torch.Generator().manual_seed(0))  # laid out with counters: save drops them
+    state, m = train_step(state, next(data.iterate_batches(data.load_corpus(), 4, 32, 0)), STOCHASTIC)
+    assert int(m["flips"]) > 0 and all(w.t_accum is None for w in weights(state.params))
+    for cfg in (STOCHASTIC, None):
+        path = save(state, tmp_path / f"{cfg is None}.safetensors", cfg)
+        raw, _ = read_raw(path)
+        assert not [name for name in raw if name.endswith("t_accum")] and "params.head.e_accum" in raw
+        back, got = load_run(path)
+        assert got.update.flip_mode == "stochastic"
+        assert pytree.tree_structure(back) == pytree.tree_structure(state)
+        assert all(torch.equal(x, y) for x, y in zip(tensors(back).values(), tensors(state).values()))
+    fresh = save(init_model(STOCHASTIC, torch.Generator().manual_seed(0)), tmp_path / "fresh.safetensors", STOCHASTIC)
+    assert all(w.t_accum is None for w in weights(load(fresh).params))
+
+
+def test_counter_config_saves_a_stochastic_state_with_zero_counters(trained, tmp_path):
+    stochastic_state = set_flip_counters(trained, False)
+    back = load(save(stochastic_state, tmp_path / "c.safetensors", CFG))
+    assert all(w.t_accum is not None and not w.t_accum.any() for w in weights(back.params))
+    raw, meta = read_raw(save(stochastic_state, tmp_path / "s.safetensors", STOCHASTIC))
+    del meta["sha256"]
+    write_raw(tmp_path / "bad.safetensors", raw, {**meta, "config": CFG.to_json()})  # counters expected, absent
+    with pytest.raises(CheckpointError, match=r"missing: \['params.blocks.0.attn.k.t_accum'"):
+        load(tmp_path / "bad.safetensors")
 
 
 def test_save_refuses_an_invalid_state(trained, tmp_path):

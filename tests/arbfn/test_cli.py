@@ -47,6 +47,20 @@ def test_train_writes_checkpoint_metrics_and_plot(run):
     assert stderr == "", "--quiet shows no progress bar"
 
 
+def test_train_stochastic_flip_mode_keeps_no_counters(tmp_path, run, capsys):
+    out = tmp_path / "stoch"
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--flip-mode", "stochastic", "--out", str(out),
+                 "--quiet"]) == 0
+    state, cfg = checkpoint.load_run(out / "checkpoint.safetensors")
+    assert cfg.update.flip_mode == "stochastic" and int(state.step) == 2
+    assert audit(state)["bytes_per_weight"] < 0.35
+    capsys.readouterr()
+    # a counter checkpoint cannot switch modes on resume: its layout belongs to its mode
+    assert main(["train", "--resume", str(run[0] / "checkpoint.safetensors"), "--steps", "1", "--flip-mode",
+                 "stochastic", "--out", str(tmp_path / "x"), "--quiet"]) != 0
+    assert "--flip-mode stochastic differs from the checkpoint's 'counter'" in capsys.readouterr().err
+
+
 def test_generate_continues_the_prompt(run, capsys):
     ckpt = str(run[0] / "checkpoint.safetensors")
     assert main(["generate", "--checkpoint", ckpt, "--prompt", "The ", "--max-bytes", "12"]) == 0

@@ -20,6 +20,7 @@ from arbfn.ternary import (
     linear,
     make_probes,
     map_weights,
+    set_flip_counters,
     update_weight,
     validate_weight,
     weights,
@@ -187,6 +188,8 @@ def test_validate_rejects_persistent_probe_and_accepts_inference_weight(w7):
         validate_weight(dataclasses.replace(w7, probe=torch.zeros(3, 7)))
     validate_weight(dataclasses.replace(w7, t_accum=None, e_accum=None))  # inference-only: no accumulators
     assert not dataclasses.replace(w7, t_accum=None, e_accum=None).trainable
+    validate_weight(dataclasses.replace(w7, t_accum=None))  # stochastic flips: trainable without t_accum
+    assert dataclasses.replace(w7, t_accum=None).trainable
 
 
 # ---------------------------------------------------------------- pytree
@@ -345,3 +348,87 @@ def test_update_below_threshold_only_accumulates():
     assert int(flips) == int(moved.sum())
     assert torch.equal(trits_of(state).to(torch.int32), (t + 1).clamp(max=1))
     assert torch.equal(state.t_accum.to(torch.int32), torch.where(moved, 0, 3))
+
+
+# ---------------------------------------------------------------- stochastic flips and the counter layout
+
+
+def test_set_flip_counters_drops_and_adds_zero_counters():
+    frozen = dataclasses.replace(init_ternary(2, 8, 4, gen()), t_accum=None, e_accum=None)
+    tree = {"a": init_ternary(4, 13, 4, gen(1)), "b": [init_ternary(3, 6, 4, gen(2))], "frozen": frozen}
+    tree["a"] = dataclasses.replace(tree["a"], t_accum=torch.full((4, 13), 5, dtype=torch.int8))
+    dropped = set_flip_counters(tree, False)
+    assert all(w.t_accum is None for w in weights(dropped)) and dropped["frozen"] is frozen
+    assert all(w.trainable for w in (dropped["a"], dropped["b"][0]))
+    assert tree["a"].t_accum is not None, "set_flip_counters must not modify its input"
+    added = set_flip_counters(dropped, True)
+    assert added["frozen"] is frozen and not added["frozen"].trainable
+    for w in (added["a"], added["b"][0]):
+        assert w.t_accum.dtype == torch.int8 and w.t_accum.shape == (w.out_features, w.in_features)
+        assert not w.t_accum.any()
+        validate_weight(w)
+    assert set_flip_counters(tree, True)["a"] is tree["a"], "counters present already are kept"
+
+
+def test_stochastic_update_needs_no_counter_and_is_a_function_of_step_seed_and_index():
+    n, k, gs = 32, 40, 8
+    w = set_flip_counters(init_ternary(n, k, gs, gen(3)), False)
+    grad = torch.randn(n, k, generator=gen(4))
+    step = torch.tensor(11)
+    new, flips, moves = update_weight(w, grad, 2, 32, step, seed=7, index=3)
+    assert new.t_accum is None and new.trainable
+    validate_weight(new)
+    again, *_ = update_weight(w, grad, 2, 32, step.clone(), seed=7, index=3)
+    assert torch.equal(again.packed, new.packed), "same (state, grad, step, seed, index): same flips"
+    t, s = trits_of(w).to(torch.int32), _sign(grad)
+    delta = trits_of(new).to(torch.int32) - t
+    assert torch.all((delta == 0) | (delta == -s)) and int(flips) == int((delta != 0).sum())
+    movable = int(((s < 0) & (t < 1) | (s > 0) & (t > -1)).sum())
+    assert 0.3 * movable < int(flips) < 0.7 * movable, "θ 2 moves about half of the movable trits"
+    for other in (dict(step=step + 1, seed=7, index=3), dict(step=step, seed=8, index=3),
+                  dict(step=step, seed=7, index=4)):
+        moved, *_ = update_weight(w, grad, 2, 32, **other)
+        assert not torch.equal(moved.packed, new.packed), other
+    with_counters, *_ = update_weight(init_ternary(n, k, gs, gen(3)), grad, 2, 32, step, seed=7, index=3)
+    assert with_counters.t_accum is None and torch.equal(with_counters.packed, new.packed)
+
+
+def test_counter_update_of_a_weight_without_counters_raises():
+    w = set_flip_counters(init_ternary(3, 7, 4, gen()), False)
+    with pytest.raises(ValueError, match="counter flips need t_accum"):
+        update_weight(w, torch.ones(3, 7), 8, 32)
+
+
+def test_apply_update_draws_one_stream_per_tensor_and_step():
+    """Two equal weights under equal gradients flip differently (their tensor numbers differ); a repeat is
+    identical; the next step draws anew; counter mode on the result (no counters) refuses."""
+    from arbfn.config import ModelConfig, UpdateConfig
+    from arbfn.model import State
+    from arbfn.train import apply_update
+
+    w = init_ternary(16, 40, 8, gen(5))
+    state = State({"a": w, "b": [w]}, torch.tensor(0), ModelConfig())
+    grads = {"a": torch.randn(16, 40, generator=gen(6))}
+    grads["b"] = [grads["a"]]
+    update = UpdateConfig(flip_threshold=2, flip_mode="stochastic", seed=3)
+    new, stats = apply_update(state, grads, update)
+    again, _ = apply_update(state, grads, update)
+    assert int(new.step) == 1 and all(x.t_accum is None for x in weights(new.params))
+    assert not torch.equal(new.params["a"].packed, new.params["b"][0].packed)
+    assert torch.equal(again.params["a"].packed, new.params["a"].packed)
+    assert int(stats["flips"]) == sum(int((trits_of(x) != trits_of(w)).sum()) for x in weights(new.params))
+    later, _ = apply_update(State(state.params, torch.tensor(1), state.config), grads, update)
+    assert not torch.equal(later.params["a"].packed, new.params["a"].packed)
+    with pytest.raises(ValueError, match="counter flips need t_accum"):
+        apply_update(new, grads, UpdateConfig())
+
+
+@pytest.mark.parametrize("bad", [dict(flip_mode="counters"), dict(flip_mode=""), dict(seed=-1), dict(seed=2**32),
+                                 dict(flip_threshold=0), dict(exp_threshold=128)])
+def test_update_config_rejects_bad_knobs(bad):
+    from arbfn.config import UpdateConfig
+
+    with pytest.raises(ValueError, match="UpdateConfig"):
+        UpdateConfig(**bad)
+    assert UpdateConfig(flip_mode="stochastic", seed=2**32 - 1).flip_counters is False
+    assert UpdateConfig().flip_counters is True

@@ -1,5 +1,6 @@
-"""Properties of ``arbfn::ternary_update``: Triton == reference == a plain-Python restatement of the rule,
-output invariants, repeated-call behaviour, argument validation, and torch.compile."""
+"""Properties of ``arbfn::ternary_update`` and ``arbfn::ternary_update_stochastic``: Triton == reference == a
+plain-Python restatement of the rule, output invariants, repeated-call behaviour, the hashed flip rate,
+argument validation, and torch.compile."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels.packing import n_groups, pack_reference, packed_width, unpack_reference, validate_packed
-from kernels.update import ternary_update, ternary_update_reference, ternary_update_triton
+from kernels.update import (draws, flip_cutoff, step_key, stream_seed, ternary_update, ternary_update_reference,
+                            ternary_update_stochastic, ternary_update_stochastic_reference,
+                            ternary_update_stochastic_triton, ternary_update_triton)
 
 GROUP_SIZES = (4, 6, 8, 16, 32, 64, 96)
 SPECIAL_K = (1, 2, 3, 4, 5, 6, 7, 11, 13, 31, 40, 48, 60, 61, 64, 67, 70)
@@ -55,9 +58,12 @@ def cases(draw, max_n: int = 9, max_k: int = 70):
     return inputs, k, gs, th, the
 
 
-def assert_same(got, want) -> None:
-    names = ("packed", "exp", "t_accum", "e_accum", "flips", "exp_moves")
-    for name, a, b in zip(names, got, want):
+COUNTER_OUTPUTS = ("packed", "exp", "t_accum", "e_accum", "flips", "exp_moves")
+STOCHASTIC_OUTPUTS = ("packed", "exp", "e_accum", "flips", "exp_moves")
+
+
+def assert_same(got, want, names: tuple[str, ...] = COUNTER_OUTPUTS) -> None:
+    for name, a, b in zip(names, got, want, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, a.shape, b.dtype, b.shape)
         assert torch.equal(a.cpu(), b.cpu()), f"{name} differs:\n{a}\n{b}"
 
@@ -245,19 +251,36 @@ def _bad_cases():
         "e_accum shape": dict(e_accum=ea[:, :1]), "grad shape": dict(grad=gr[:, :12]),
         "grad int": dict(grad=gr.nan_to_num().to(torch.int32)), "packed dtype": dict(packed=p.to(torch.int8)),
     }
-    return [pytest.param({**ok, **change}, id=name) for name, change in bad.items()]
+    impls = (ternary_update, ternary_update_reference, ternary_update_triton)
+    return [pytest.param(impls, {**ok, **change}, id=name) for name, change in bad.items()]
 
 
-@pytest.mark.parametrize("args", _bad_cases())
-def test_bad_arguments_raise_value_error(kernel_device, args):
+def _bad_stochastic_cases():
+    (p, e, _, ea, gr), k, gs, th, the = _small()
+    ok = dict(packed=p, exp=e, e_accum=ea, grad=gr, step=torch.tensor(3), k=k, group_size=gs, flip_threshold=th,
+              exp_threshold=the, seed=0)
+    bad = {
+        "flip_threshold=0": dict(flip_threshold=0), "exp_threshold=128": dict(exp_threshold=128),
+        "group_size=3": dict(group_size=3), "k too big": dict(k=14), "packed width": dict(packed=p[:, :2]),
+        "e_accum shape": dict(e_accum=ea[:, :1]), "grad int": dict(grad=gr.nan_to_num().to(torch.int32)),
+        "step int32": dict(step=torch.tensor(3, dtype=torch.int32)), "step 1-D": dict(step=torch.tensor([3])),
+        "seed<0": dict(seed=-1), "seed>=2**32": dict(seed=2**32),
+    }
+    impls = (ternary_update_stochastic, ternary_update_stochastic_reference, ternary_update_stochastic_triton)
+    return [pytest.param(impls, {**ok, **change}, id=f"stochastic {name}") for name, change in bad.items()]
+
+
+@pytest.mark.parametrize("impls,args", _bad_cases() + _bad_stochastic_cases())
+def test_bad_arguments_raise_value_error(kernel_device, impls, args):
+    """Every implementation of the op (``impls[0]`` is the op itself) and its fake raise ValueError."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dev = {name: v.to(kernel_device) if isinstance(v, torch.Tensor) else v for name, v in args.items()}
-    for impl in (ternary_update, ternary_update_reference, ternary_update_triton):
+    for impl in impls:
         with pytest.raises(ValueError):
             impl(**dev)
     with FakeTensorMode() as mode, pytest.raises(ValueError):  # the fake (what torch.compile traces) checks too
-        ternary_update(**{n: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for n, v in args.items()})
+        impls[0](**{n: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for n, v in args.items()})
 
 
 def test_good_arguments_pass_the_fake():
@@ -288,3 +311,182 @@ def test_compiled_matches_eager():
     assert want[4].item() > 0 and want[5].item() > 0  # the example exercises both rules
     assert_same(torch.compile(two_steps, fullgraph=True)(*inputs), want)
     torch.library.opcheck(torch.ops.arbfn.ternary_update.default, (*inputs, k, gs, th, the))
+
+
+# ---------------------------------------------------------------- 6. stochastic flips (no t_accum)
+
+EXTREME_STEPS = (0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, -1, -(2**63))
+EXTREME_SEEDS = (0, 1, 2**31 - 1, 2**31, 2**32 - 1)
+
+
+@st.composite
+def stochastic_cases(draw, max_n: int = 9, max_k: int = 70):
+    """(inputs without t_accum, plus step, k, group_size, flip_threshold, exp_threshold, seed)."""
+    (packed, exp, _, e_accum, grad), k, gs, th, the = draw(cases(max_n, max_k))
+    step = draw(st.one_of(st.sampled_from(EXTREME_STEPS), st.integers(-(2**63), 2**63 - 1)))
+    seed = draw(st.one_of(st.sampled_from(EXTREME_SEEDS), st.integers(0, 2**32 - 1)))
+    return (packed, exp, e_accum, grad, torch.tensor(step, dtype=torch.int64)), k, gs, th, the, seed
+
+
+@given(stochastic_cases())
+def test_stochastic_triton_matches_reference(kernel_device, case):
+    inputs, *ints = case
+    want = ternary_update_stochastic_reference(*inputs, *ints)
+    got = ternary_update_stochastic_triton(*(x.to(kernel_device) for x in inputs), *ints)
+    assert_same(got, want, STOCHASTIC_OUTPUTS)
+
+
+def _mix32(x: int) -> int:
+    """lowbias32 restated on Python ints with explicit modular arithmetic."""
+    x ^= x >> 16
+    x = x * 0x21F0AAAD % 2**32
+    x ^= x >> 15
+    x = x * 0x735A2D97 % 2**32
+    return x ^ (x >> 15)
+
+
+def stochastic_rule_by_loops(packed, exp, e_accum, grad, step, k, gs, th, the, seed):
+    """The stochastic flip restated element by element (the exponent part is the counter op's, tested above)."""
+    P, GR = packed.tolist(), grad.tolist()
+    key = _mix32((int(step) % 2**32 * 0x61C88647 + seed) % 2**32)
+    kb, flips, out_p = -(-k // 5), 0, []
+    for r in range(len(P)):
+        new = []
+        for c in range(k):
+            t = (P[r][c // 5] // 3 ** (c % 5)) % 3 - 1
+            vote = -1 if GR[r][c] > 0 else (1 if GR[r][c] < 0 else 0)
+            u = _mix32(((r * k + c) * 0x61C88647 + key) % 2**32) >> 8
+            if u * th < 2**24 - (2**24 % th) and vote and -1 <= t + vote <= 1:  # u < floor(2**24 / θ)
+                t, flips = t + vote, flips + 1
+            new.append(t)
+        digits = [t + 1 for t in new] + [1] * (5 * kb - k)
+        out_p.append([sum(digits[5 * b + i] * 3**i for i in range(5)) for b in range(kb)])
+    return torch.tensor(out_p, dtype=torch.uint8).reshape(len(P), kb), torch.tensor(flips, dtype=torch.int64)
+
+
+@given(stochastic_cases(max_n=4, max_k=40))
+def test_stochastic_reference_matches_plain_python(case):
+    inputs, k, gs, th, the, seed = case
+    packed, exp, e_accum, grad, _ = inputs
+    got = ternary_update_stochastic_reference(*inputs, k, gs, th, the, seed)
+    want_p, want_flips = stochastic_rule_by_loops(*inputs, k, gs, th, the, seed)
+    assert torch.equal(got[0], want_p) and torch.equal(got[3], want_flips)
+    counter = ternary_update_reference(packed, exp, torch.zeros(grad.shape, dtype=torch.int8), e_accum, grad, k, gs,
+                                       th, the)
+    for mine, theirs in ((got[1], counter[1]), (got[2], counter[3]), (got[4], counter[5])):  # the same exponent rule
+        assert torch.equal(mine, theirs)
+
+
+@given(stochastic_cases(max_n=4, max_k=40))
+def test_stochastic_threshold_one_is_counter_threshold_one(kernel_device, case):
+    """With θ = 1 every vote moves its trit, as the counter rule with θ = 1 does."""
+    (packed, exp, e_accum, grad, step), k, gs, _, the, seed = case
+    dev = [x.to(kernel_device) for x in (packed, exp, e_accum, grad, step)]
+    got = ternary_update_stochastic(*dev, k, gs, 1, the, seed)
+    ta = torch.zeros(grad.shape, dtype=torch.int8, device=kernel_device)
+    p, e, _, ea, flips, moves = ternary_update(dev[0], dev[1], ta, dev[2], dev[3], k, gs, 1, the)
+    assert_same(got, (p, e, ea, flips, moves), STOCHASTIC_OUTPUTS)
+
+
+@given(stochastic_cases(), st.sampled_from((0.0, math.nan)))
+def test_stochastic_moves_only_along_votes(kernel_device, case, fill):
+    """Trits move by at most one step, only in their vote's direction; a silent grad changes nothing."""
+    (packed, exp, e_accum, grad, step), k, gs, th, the, seed = case
+    dev = [x.to(kernel_device) for x in (packed, exp, e_accum, grad, step)]
+    new_p, _, _, flips, _ = (x.cpu() for x in ternary_update_stochastic(*dev, k, gs, th, the, seed))
+    validate_packed(new_p, k)
+    delta = unpack_reference(new_p, k).to(torch.int32) - unpack_reference(packed, k).to(torch.int32)
+    vote = (grad < 0).to(torch.int32) - (grad > 0).to(torch.int32)
+    assert torch.all((delta == 0) | (delta == vote)) and flips.item() == int((delta != 0).sum())
+    inner = dev[2].clamp(-the + 1, the - 1)  # an accumulator at ±θE moves its exponent even without a vote
+    silent = ternary_update_stochastic(dev[0], dev[1], inner, torch.full_like(dev[3], fill), dev[4], k, gs, th, the,
+                                       seed)
+    assert_same(silent, (dev[0], dev[1], inner, torch.tensor(0), torch.tensor(0)), STOCHASTIC_OUTPUTS)
+
+
+@pytest.mark.parametrize("th", (1, 2, 7, 64, 127))
+@pytest.mark.parametrize("step", (0, 2**32 - 1, 2**63 - 1))
+def test_stochastic_flip_rate_is_one_over_theta(kernel_device, th, step):
+    """All-zero trits under one vote direction: the moved fraction is floor(2**24/θ)/2**24 within 5 sigma."""
+    n, k, gs = 64, 500, 32
+    packed = pack_reference(torch.zeros((n, k), dtype=torch.int8)).to(kernel_device)
+    exp = torch.zeros((n, n_groups(k, gs)), dtype=torch.int8, device=kernel_device)
+    grad = torch.full((n, k), -1.0, device=kernel_device)
+    p = flip_cutoff(th) / 2**24
+    sd = math.sqrt(n * k * p * (1 - p))
+    out = ternary_update_stochastic(packed, exp, exp.clone(), grad, torch.tensor(step, device=kernel_device),
+                                    k, gs, th, 127, 12345)
+    assert abs(out[3].item() - n * k * p) <= 5 * sd + 1e-9
+    assert torch.all(unpack_reference(out[0].cpu(), k) >= 0)
+
+
+def _unmix32(h: int) -> int:
+    """The inverse of :func:`_mix32` (xorshifts and odd multiplications are bijections mod 2**32)."""
+
+    def unshift(y: int, s: int) -> int:
+        x = y
+        for _ in range(32 // s):
+            x = y ^ (x >> s)
+        return x
+
+    h = unshift(h, 15) * pow(0x735A2D97, -1, 2**32) % 2**32
+    return unshift(unshift(h, 15) * pow(0x21F0AAAD, -1, 2**32) % 2**32, 16)
+
+
+@pytest.mark.parametrize("th", (3, 7, 127))
+def test_stochastic_cutoff_is_exact(kernel_device, th):
+    """A seed chosen so that weight [0, 0] at step 0 draws exactly u: it moves iff u < floor(2**24 / θ)."""
+    cut = 2**24 // th
+    for u in (cut - 1, cut):
+        h = u << 8 | 0xA5
+        seed = _unmix32(_unmix32(h))  # step_key(0, seed) = mix32(seed); the draw of weight 0 = mix32(key) >> 8
+        assert _mix32(_mix32(seed)) == h and int(draws(step_key(torch.tensor(0), seed), 1, 1)) == u
+        packed, exp = pack_reference(torch.zeros((1, 1), dtype=torch.int8)), torch.zeros((1, 1), dtype=torch.int8)
+        args = (packed, exp, exp.clone(), torch.full((1, 1), -1.0), torch.tensor(0))
+        for impl in (ternary_update_stochastic_reference, ternary_update_stochastic_triton):
+            out = impl(*(x.to(kernel_device) for x in args), 1, 4, th, 127, seed)
+            assert out[3].item() == int(u < cut), (impl.__name__, u, cut)
+
+
+def test_draws_are_uniform_and_streams_differ():
+    """24-bit draws fill 64 equal bins evenly (chi-square) at extreme keys; steps, seeds and tensors decorrelate."""
+    n, k = 256, 256
+    for step, seed in ((0, 0), (2**32 - 1, 2**32 - 1), (2**63 - 1, 1)):
+        u = draws(step_key(torch.tensor(step), seed), n, k)
+        assert int(u.min()) >= 0 and int(u.max()) < 2**24
+        counts = torch.bincount((u >> 18).flatten(), minlength=64).double()
+        chi2 = float(((counts - n * k / 64) ** 2 / (n * k / 64)).sum())
+        assert chi2 < 63 + 6 * math.sqrt(2 * 63), chi2  # 63 degrees of freedom, ~6 sigma
+    base = draws(step_key(torch.tensor(5), stream_seed(0, 0)), n, k) < 2**23
+    for other in (draws(step_key(torch.tensor(6), stream_seed(0, 0)), n, k),
+                  draws(step_key(torch.tensor(5), stream_seed(1, 0)), n, k),
+                  draws(step_key(torch.tensor(5), stream_seed(0, 1)), n, k)):
+        agree = float((base == (other < 2**23)).double().mean())
+        assert abs(agree - 0.5) < 0.01, agree
+
+
+def test_stream_seed_range_and_validation():
+    assert all(0 <= stream_seed(s, i) < 2**32 for s in (0, 2**32 - 1, 2**40) for i in (0, 7, 2**33))
+    assert len({stream_seed(0, i) for i in range(1000)}) == 1000
+    for bad in ((-1, 0), (0, -1)):
+        with pytest.raises(ValueError):
+            stream_seed(*bad)
+
+
+@pytest.mark.slow
+def test_stochastic_compiled_matches_eager():
+    k, gs, th, the, seed = 37, 6, 3, 1, 99
+    packed, exp, _, e_accum, grad = make_case(5, k, gs, th, the, "edge", "edge", "mixed", seed=3)
+
+    def two_steps(packed, exp, e_accum, grad, step):
+        *state, f1, m1 = torch.ops.arbfn.ternary_update_stochastic(packed, exp, e_accum, grad, step, k, gs, th, the,
+                                                                    seed)
+        *state, f2, m2 = torch.ops.arbfn.ternary_update_stochastic(*state, -grad, step + 1, k, gs, th, the, seed)
+        return (*state, f1 + f2, m1 + m2)
+
+    inputs = (packed, exp, e_accum, grad, torch.tensor(2**32 - 1))
+    torch._dynamo.reset()
+    want = two_steps(*inputs)
+    assert want[3].item() > 0 and want[4].item() > 0  # the example exercises both rules
+    assert_same(torch.compile(two_steps, fullgraph=True)(*inputs), want, STOCHASTIC_OUTPUTS)
+    torch.library.opcheck(torch.ops.arbfn.ternary_update_stochastic.default, (*inputs, k, gs, th, the, seed))
