@@ -33,7 +33,7 @@ from arbfn.layers.norm import init_rmsnorm, rmsnorm
 from arbfn.layers.sequencers import audio_sequencer, image_sequencer, init_audio_sequencer, init_image_sequencer
 from arbfn.layers.text import init_text_sequencer, text_sequencer
 from arbfn.layers.vq import init_vq, update_vq_counters
-from arbfn.ternary import init_ternary, linear, set_flip_counters
+from arbfn.ternary import dither_flip_counters, init_ternary, linear, set_flip_counters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,8 @@ def modalities(cfg: ModelConfig) -> tuple[str, ...]:
 
 def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = None) -> State:
     """Fresh state for ``cfg``; ``generator=None`` gives a shape-only state on the meta device. A full
-    :class:`Config` also sets the flip-counter layout of its update mode (none for stochastic flips)."""
+    :class:`Config` also sets the flip-counter layout of its update mode (none for stochastic flips) and,
+    with ``update.dither``, draws the counters' starting values after the weights (the weights do not change)."""
     m = cfg.model if isinstance(cfg, Config) else cfg
     g, gs, d, seq = generator, m.group_size, m.d_model, m.sequencers
     params: dict[str, Any] = {"text": init_text_sequencer(m.vocab_size, m.d_embed, m.window, d, gs, g)}
@@ -106,6 +107,8 @@ def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = No
     device = "meta" if generator is None else None
     if isinstance(cfg, Config):  # the update's flip mode decides whether weights carry flip counters
         params = set_flip_counters(params, cfg.update.flip_counters)
+        if cfg.update.flip_counters and cfg.update.dither and generator is not None:
+            params = dither_flip_counters(params, cfg.update.flip_threshold, generator)
     return State(params, torch.zeros((), dtype=torch.int64, device=device), m)
 
 

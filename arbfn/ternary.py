@@ -206,6 +206,22 @@ def update_weight(w: TernaryWeight, grad: torch.Tensor | None, flip_threshold: i
     return TernaryWeight(packed, exp, t_acc, e_acc, k, gs), flips, moves
 
 
+def dither_flip_counters(tree: Any, flip_threshold: int, generator: torch.Generator) -> Any:
+    """``tree`` with every flip counter drawn uniform in [-(θ-1), θ-1] (θ = ``flip_threshold``), in pytree
+    order from ``generator``: a fresh state's first flips then spread over steps instead of landing together."""
+    if not 1 <= flip_threshold <= 127:
+        raise ValueError(f"flip_threshold must be in 1..127, got {flip_threshold}")
+
+    def dither(w: TernaryWeight) -> TernaryWeight:
+        if w.t_accum is None:
+            return w
+        start = torch.randint(1 - flip_threshold, flip_threshold, tuple(w.t_accum.shape), generator=generator,
+                              dtype=torch.int8)
+        return dataclasses.replace(w, t_accum=start.to(w.t_accum.device))
+
+    return map_weights(dither, tree)
+
+
 def set_flip_counters(tree: Any, present: bool) -> Any:
     """``tree`` (params, a State, any pytree) with every trainable weight's ``t_accum`` present (kept, or zeros:
     no votes yet) or dropped: the layout of a flip mode (``UpdateConfig.flip_counters``)."""

@@ -1,5 +1,7 @@
 """Tests of arbfn.model: the byte model's init/apply pair, its state pytree, and its input checks."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -101,8 +103,11 @@ def test_apply_is_causal(state):
 
 
 def test_init_accepts_model_config_and_meta(state):
-    a = init_model(CFG.model, gen(0))
-    assert_states_equal(a, state)
+    a = init_model(CFG.model, gen(0))  # a bare ModelConfig: zero flip counters, the Config's weights
+    undithered = dataclasses.replace(CFG, update=dataclasses.replace(CFG.update, dither=False))
+    assert_states_equal(a, init_model(undithered, gen(0)))
+    for w, v in zip(weights(a.params), weights(state.params)):
+        assert torch.equal(w.packed, v.packed) and torch.equal(w.exp, v.exp)
     meta = init_model(CFG)
     assert all(t.device.type == "meta" for t in tensor_leaves(meta))
     assert pytree.tree_structure(meta) == pytree.tree_structure(state)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arbfn.ternary import (
+    dither_flip_counters,
     TernaryWeight,
     attach_probes,
     decode,
@@ -432,3 +433,56 @@ def test_update_config_rejects_bad_knobs(bad):
         UpdateConfig(**bad)
     assert UpdateConfig(flip_mode="stochastic", seed=2**32 - 1).flip_counters is False
     assert UpdateConfig().flip_counters is True
+
+
+# ---------------------------------------------------------------- dithered flip counters
+
+
+def test_dither_draws_counters_in_range_deterministically():
+    tree = {"a": init_ternary(7, 13, 4, torch.Generator().manual_seed(0)),
+            "b": init_ternary(3, 5, 4, torch.Generator().manual_seed(1))}
+    one = dither_flip_counters(tree, 8, torch.Generator().manual_seed(5))
+    two = dither_flip_counters(tree, 8, torch.Generator().manual_seed(5))
+    for name in tree:
+        t = one[name].t_accum
+        assert t.dtype == torch.int8 and t.min() >= -7 and t.max() <= 7 and t.unique().numel() > 3
+        assert torch.equal(t, two[name].t_accum)
+        assert torch.equal(one[name].packed, tree[name].packed) and torch.equal(one[name].exp, tree[name].exp)
+    assert torch.equal(dither_flip_counters(tree, 1, torch.Generator())["a"].t_accum, tree["a"].t_accum)  # θ=1: 0
+    with pytest.raises(ValueError, match="flip_threshold"):
+        dither_flip_counters(tree, 128, torch.Generator())
+
+
+def test_init_model_dithers_counters_without_changing_weights():
+    from arbfn.config import preset
+    from arbfn.model import init_model
+
+    cfg = preset("tiny")
+    plain = init_model(dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, dither=False)),
+                       torch.Generator().manual_seed(0))
+    dithered = init_model(cfg, torch.Generator().manual_seed(0))
+    for a, b in zip(weights(plain.params), weights(dithered.params)):
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.exp, b.exp)
+        if a.trainable:
+            assert not a.t_accum.any() and b.t_accum.abs().max() == cfg.update.flip_threshold - 1
+
+
+def test_dithered_counters_spread_the_first_flips():
+    """Under a gradient sign that never changes, zero counters flip every movable trit at step θ together;
+    dithered ones flip from step 1 on and never all in one step."""
+    theta = 8
+    w0 = init_ternary(64, 40, 8, torch.Generator().manual_seed(0))
+    grad = torch.full((64, 40), -1.0)  # every vote says "up"
+    movable = int((unpack_reference(w0.packed, 40) < 1).sum())
+
+    def flips_per_step(w):
+        out = []
+        for _ in range(theta):
+            w, flips, _ = update_weight(w, grad, theta, 127)
+            out.append(int(flips))
+        return out
+
+    zero = flips_per_step(w0)
+    assert zero[:-1] == [0] * (theta - 1) and zero[-1] == movable
+    spread = flips_per_step(dither_flip_counters(w0, theta, torch.Generator().manual_seed(3)))
+    assert spread[0] > 0 and max(spread) < movable
