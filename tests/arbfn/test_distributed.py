@@ -246,16 +246,13 @@ def test_wire_bytes_match_what_the_exchange_sends(ranks):
 
 def _fail(mode: str, timeout_s: float, within_s: float) -> None:
     procs = launch(mode, str(timeout_s))
-    t0 = time.perf_counter()
     try:
-        _, err = procs[0].communicate(timeout=within_s)
-        elapsed = time.perf_counter() - t0
+        _, err = procs[0].communicate(timeout=within_s)  # a hang raises TimeoutExpired: the test fails
     finally:
         procs[1].kill()
         procs[1].communicate()
     assert procs[0].returncode not in (0, None), "rank 0 must fail without its peer"
     assert "PeerFailure" in err and "a peer rank died or did not answer" in err, err[-3000:]
-    assert elapsed < within_s
 
 
 def test_a_dead_rank_makes_the_other_fail_with_a_clear_error():
