@@ -5,7 +5,9 @@ holds the format tag, the run config as JSON, and a SHA-256 over every tensor's 
 no checksum of its own, so a flipped byte would otherwise load silently). Loading rebuilds the
 expected structure from the config on the meta device and demands exactly those names, dtypes and
 shapes, then validates every ternary weight (bytes 0..242, zero padding trits). The per-weight flip
-counters (``t_accum``) are saved and expected exactly when the config's ``update.flip_mode`` is "counter".
+counters (``t_accum``) are saved and expected exactly when the config's ``update.flip_mode`` is "counter", in
+the width of its ``update.counter_bits`` (int8, or uint8 nibble pairs); counters of the other width refuse to
+save or load.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.utils._pytree as pytree
 
 from arbfn.config import Config, TrainConfig, UpdateConfig
 from arbfn.model import State, init_model
-from arbfn.ternary import set_flip_counters, to_device, validate_weight, weights
+from arbfn.ternary import flip_counter_bits, set_flip_counters, to_device, validate_weight, weights
 
 FORMAT = "arbfn-checkpoint-1"
 
@@ -51,16 +53,20 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def save(state: State, path: str | Path, cfg: Config | None = None) -> Path:
     """Write ``state`` (with its run config) to ``path`` atomically: temp file in the same folder, fsync, rename.
 
-    The state is written in the layout of ``cfg.update.flip_mode`` (flip counters dropped, or added as zeros);
-    without ``cfg`` the mode is the state's own: "stochastic" when no trainable weight carries flip counters."""
+    The state is written in the layout of ``cfg.update.flip_mode`` (flip counters dropped, or added as zeros of
+    ``cfg.update.counter_bits``; counters of another width raise ValueError); without ``cfg`` the mode and width
+    are the state's own: "stochastic" when no trainable weight carries flip counters, 4-bit (with flip threshold
+    7, the most a nibble holds) when they are nibbles."""
     if cfg is None:  # the default train context (64) must fit models with a shorter max_context
         trainable = [w for w in weights(state.params) if w.trainable]
         mode = "stochastic" if trainable and all(w.t_accum is None for w in trainable) else "counter"
-        cfg = Config("custom", state.config, update=UpdateConfig(flip_mode=mode),
+        nibbles = any(flip_counter_bits(w) == 4 for w in trainable)
+        update = UpdateConfig(flip_threshold=7, counter_bits=4) if nibbles else UpdateConfig(flip_mode=mode)
+        cfg = Config("custom", state.config, update=update,
                      train=TrainConfig(context=max(2, min(TrainConfig.context, state.config.max_context))))
     if cfg.model != state.config:
         raise ValueError("save: cfg.model differs from the state's model config")
-    state = set_flip_counters(state, cfg.update.flip_counters)
+    state = set_flip_counters(state, cfg.update.flip_counters, cfg.update.counter_bits)
     for w in weights(state.params):
         validate_weight(w)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _named_leaves(state).items()}
@@ -93,7 +99,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> State:
 def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[State, Config]:
     """Read and validate a checkpoint; returns (state on ``device``, run config)."""
     tensors, cfg = _read(path)
-    expected = set_flip_counters(init_model(cfg), cfg.update.flip_counters)  # meta skeleton: names, dtypes, shapes
+    expected = init_model(cfg)  # meta skeleton in the config's layout: names, dtypes, shapes
     names = _named_leaves(expected)
     missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
     if missing or extra:
@@ -101,6 +107,10 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[Stat
                               f"(missing: {missing[:5]}, unexpected: {extra[:5]})")
     for name, like in names.items():
         t = tensors[name]
+        if name.endswith(".t_accum") and t.dtype != like.dtype:
+            raise CheckpointError(f"{path}: {name} holds {t.dtype} flip counters, but the checkpoint's config says "
+                                  f"update.counter_bits={cfg.update.counter_bits} ({like.dtype}): a checkpoint loads "
+                                  "only in the counter width it was saved with")
         if t.dtype != like.dtype or t.shape != like.shape:
             raise CheckpointError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, expected {like.dtype} {tuple(like.shape)}")
     leaves, spec = pytree.tree_flatten_with_path(expected)

@@ -27,6 +27,20 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _with_update_flags(cfg, args: argparse.Namespace, resuming: bool):
+    """``cfg`` with the update knobs given on the command line (--flip-mode where the subcommand has it,
+    --counter-bits, --flip-threshold). A resumed checkpoint keeps its flip mode and counter width: its state
+    layout belongs to them."""
+    knobs = ("flip_mode", "counter_bits", "flip_threshold")
+    given = {k: v for k, v in vars(args).items() if k in knobs and v is not None}
+    for name in ("flip_mode", "counter_bits"):
+        if resuming and name in given and given[name] != getattr(cfg.update, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {given[name]} differs from the checkpoint's {getattr(cfg.update, name)!r}: "
+                             "its state layout (flip counters or none, and their width) belongs to it")
+    return dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, **given))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a preset (or --resume a checkpoint) on a corpus; write checkpoint, metrics.jsonl and loss.png into
     --out. With --nproc N > 1, relaunch as N ranks through torchrun; a rank (torchrun's environment) trains
@@ -52,11 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("batch_size", args.batch_size))
                  if v is not None}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
-    if args.flip_mode is not None:
-        if state is not None and args.flip_mode != cfg.update.flip_mode:
-            raise ValueError(f"--flip-mode {args.flip_mode} differs from the checkpoint's {cfg.update.flip_mode!r}: "
-                             "its state layout (flip counters or none) belongs to its mode")
-        cfg = dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, flip_mode=args.flip_mode))
+    cfg = _with_update_flags(cfg, args, resuming=state is not None)
     distributed.check_batch_size(cfg.train.batch_size, world)
     if world > 1 and not ranked:
         return distributed.relaunch("arbfn.cli", _train_argv(args), world)
@@ -162,13 +172,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from arbfn.compare import compare, format_table, write_outputs
     from arbfn.config import preset
 
-    cfg = preset(args.preset)
+    cfg = _with_update_flags(preset(args.preset), args, resuming=False)
     on_eval = None if args.json else lambda s, t, f: print(f"step {s}: ternary {t:.4f}  float {f:.4f} bits/byte",
                                                             file=sys.stderr)
     result = compare(cfg, data.load_corpus(args.corpus), args.steps, args.eval_every, args.lr, on_eval=on_eval)
     png, js = write_outputs(result, Path(args.out or f"runs/compare-{cfg.name}"))
     print(json.dumps(result, indent=2) if args.json else f"{format_table(result)}\nwrote {png}, {js}")
     return 0
+
+
+def _add_counter_flags(p: argparse.ArgumentParser) -> None:
+    """--counter-bits and --flip-threshold (UpdateConfig.counter_bits, flip_threshold) on a subcommand."""
+    p.add_argument("--counter-bits", type=int, choices=(8, 4),
+                   help="flip-counter width: int8 (default, 1 B/weight) or 4-bit nibbles, two per byte (0.5 B/weight; "
+                        "needs --flip-threshold <= 7)")
+    p.add_argument("--flip-threshold", type=int, help="net votes per trit move (default: the preset's, 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--flip-mode", choices=("counter", "stochastic"),
                    help="trit flips from int8 vote counters (default) or counter-free hashed coin flips (0.3 B/weight)")
+    _add_counter_flags(t)
     t.add_argument("--resume", help="continue training this checkpoint (its preset and config; --preset is ignored)")
     t.add_argument("--nproc", type=int, help="data-parallel ranks on this host, launched through torchrun")
     t.add_argument("--exchange", default="trits", choices=("trits", "int8"),
@@ -235,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output folder (default runs/compare-<preset>)")
     c.add_argument("--corpus", help="a text file instead of the embedded default")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_counter_flags(c)
     c.set_defaults(fn=cmd_compare)
     return p
 

@@ -21,7 +21,7 @@ from arbfn import data as data_mod
 from arbfn.audit import audit
 from arbfn.config import Config
 from arbfn.model import State, init_model
-from arbfn.ternary import set_flip_counters, weights
+from arbfn.ternary import weights
 from arbfn.train import evaluate, train_step
 from arbfn.twin import FloatTwin, evaluate_twin, make_optimizer, twin_step
 
@@ -61,8 +61,7 @@ def compare(cfg: Config, corpus: bytes, steps: int | None = None, eval_every: in
     train_data, held_out = data_mod.split_corpus(corpus, tc.held_out_fraction)
     stream = data_mod.iterate_batches(train_data, tc.batch_size, tc.context, tc.seed)
     eval_set = data_mod.eval_batches(held_out, tc.batch_size, tc.context)[: tc.eval_batches]
-    state = init_model(cfg, torch.Generator().manual_seed(tc.seed))
-    state = set_flip_counters(state, cfg.update.flip_counters)
+    state = init_model(cfg, torch.Generator().manual_seed(tc.seed))  # flip counters laid out (and dithered) by cfg
     twin = FloatTwin(cfg.model, torch.Generator().manual_seed(tc.seed))
     opt = make_optimizer(twin, lr)
     curve: dict[str, list[float]] = {"step": [], "ternary": [], "float": []}
@@ -106,7 +105,8 @@ def format_table(result: dict[str, Any]) -> str:
     """Plain-text table of both held-out curves and the summary line."""
     c = result["curves"]
     u = result["update"]
-    lines = [result["architecture"], f"ternary sign votes: {u['flip_mode']} flips, flip threshold "
+    mode = f"{u['flip_mode']} flips" + (f" ({u['counter_bits']}-bit counters)" if u["flip_mode"] == "counter" else "")
+    lines = [result["architecture"], f"ternary sign votes: {mode}, flip threshold "
              f"{u['flip_threshold']}, exponent threshold {u['exp_threshold']}; float twin: {result['float_optimizer']}",
              f"{'step':>6}  {'ternary bpb':>11}  {'float bpb':>9}"]
     lines += [f"{s:>6}  {t:>11.4f}  {f:>9.4f}" for s, t, f in zip(c["step"], c["ternary"], c["float"])]

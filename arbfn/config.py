@@ -164,12 +164,20 @@ class UpdateConfig:
       (``seed``, step, tensor, weight), so a step stays a pure function of (state, batch, config). Counter
       mode learns better (tiny byte path, held-out bits/byte: 3.82 vs 4.34 for stochastic θ 64 at 200 steps,
       4.09 vs 5.65 at 400; benchmarks/RESULTS.md), so it stays the default.
-    flip_threshold: net votes per trit move (1..127). 16 with dithered counters learned best on the tiny byte
+    flip_threshold: net votes per trit move (1..127; at most 7 with 4-bit counters). 16 with dithered counters learned best on the tiny byte
       path (200 steps, held-out bits/byte vs the float twin: θ 8 1.17×, 12 1.18×, 16 1.14×, 24 1.17×;
       benchmarks/RESULTS.md).
     exp_threshold: votes before a group's log2 scale moves by one (1..127). A move doubles or halves
       a whole group, so it needs far more evidence than a flip: at the original's 4 the tiny model's loss
       blew up within 50 steps (6.1 -> 240 nats); at 32 it trains smoothly (benchmarks/RESULTS.md).
+    counter_bits: counter mode only: the width of each flip counter. 8 (default) is an int8 per weight; 4 packs
+      two signed nibbles per byte (``t_accum`` uint8 [N, ceil(K/2)], kernels/update.py
+      ``arbfn::ternary_update_nibble``), half a byte per weight less, and needs ``flip_threshold`` <= 7. The
+      rule is the same; only the counter's range shrinks, so 4-bit runs are the 8-bit runs at θ <= 7, bit for
+      bit. That lower θ costs learning (tiny byte path, held-out bits/byte vs the float twin, 200 steps: 4-bit
+      θ 4 1.26×, 5 1.21×, 6 1.18×, 7 1.155× against 1.135× for 8-bit θ 16; 400 steps, θ 7: 1.38× vs 1.23×;
+      benchmarks/RESULTS.md), so 8 stays the default; 4 is an option for memory-bound runs (0.81 vs 1.31
+      bytes/weight of state on the whole tiny preset).
     seed: the stochastic flips' stream (0..2**32-1); unused by counter mode.
     dither: counter mode only: a fresh state's flip counters start uniform in [-(θ-1), θ-1] (drawn from the
       init generator) instead of 0. From zeros, every weight whose gradient sign holds for θ steps flips at
@@ -183,6 +191,7 @@ class UpdateConfig:
     flip_mode: str = "counter"
     seed: int = 0
     dither: bool = True
+    counter_bits: int = 8
 
     def __post_init__(self) -> None:
         for name in ("flip_threshold", "exp_threshold"):
@@ -193,6 +202,11 @@ class UpdateConfig:
             raise ValueError(f"UpdateConfig.flip_mode must be 'counter' or 'stochastic', got {self.flip_mode!r}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"UpdateConfig.seed must be in 0..2**32-1, got {self.seed}")
+        if self.counter_bits not in (8, 4):
+            raise ValueError(f"UpdateConfig.counter_bits must be 8 or 4, got {self.counter_bits}")
+        if self.flip_counters and self.counter_bits == 4 and self.flip_threshold > 7:
+            raise ValueError(f"UpdateConfig.flip_threshold must be at most 7 with 4-bit counters (a signed nibble "
+                             f"holds -8..7), got {self.flip_threshold}")
 
     @property
     def flip_counters(self) -> bool:

@@ -80,8 +80,9 @@ def modalities(cfg: ModelConfig) -> tuple[str, ...]:
 
 def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = None) -> State:
     """Fresh state for ``cfg``; ``generator=None`` gives a shape-only state on the meta device. A full
-    :class:`Config` also sets the flip-counter layout of its update mode (none for stochastic flips) and,
-    with ``update.dither``, draws the counters' starting values after the weights (the weights do not change)."""
+    :class:`Config` also sets the flip-counter layout of its update mode (none for stochastic flips; int8 or
+    4-bit nibbles by ``update.counter_bits``) and, with ``update.dither``, draws the counters' starting values
+    after the weights (the weights do not change)."""
     m = cfg.model if isinstance(cfg, Config) else cfg
     g, gs, d, seq = generator, m.group_size, m.d_model, m.sequencers
     params: dict[str, Any] = {"text": init_text_sequencer(m.vocab_size, m.d_embed, m.window, d, gs, g)}
@@ -105,8 +106,8 @@ def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = No
     params["video"] = init_video_head(d, m.heads.video_max_steps, gs, g)
     params["talker"] = init_talker_head(d, gs, g, m.heads.talker_tokens)
     device = "meta" if generator is None else None
-    if isinstance(cfg, Config):  # the update's flip mode decides whether weights carry flip counters
-        params = set_flip_counters(params, cfg.update.flip_counters)
+    if isinstance(cfg, Config):  # the update's flip mode and width decide the weights' flip counters (fresh zeros)
+        params = set_flip_counters(set_flip_counters(params, False), cfg.update.flip_counters, cfg.update.counter_bits)
         if cfg.update.flip_counters and cfg.update.dither and generator is not None:
             params = dither_flip_counters(params, cfg.update.flip_threshold, generator)
     return State(params, torch.zeros((), dtype=torch.int64, device=device), m)

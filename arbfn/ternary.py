@@ -1,8 +1,10 @@
 """The packed ternary weight as a pytree node, and the tree-wide helpers a train step needs.
 
 A :class:`TernaryWeight` holds only integers: packed trits (uint8, 5 per byte), an int8 log2 scale per
-group of ``group_size`` inputs, and the int8 vote accumulators: ``e_accum`` per group, ``t_accum`` per
-weight for counter flips only (stochastic flips keep none: ``UpdateConfig.flip_mode``). ``probe`` is never
+group of ``group_size`` inputs, and the vote accumulators: int8 ``e_accum`` per group, and ``t_accum`` per
+weight for counter flips only (stochastic flips keep none: ``UpdateConfig.flip_mode``), int8 [N, K] or, with
+4-bit counters (``UpdateConfig.counter_bits``), uint8 nibble pairs [N, ceil(K/2)] (its dtype tells which:
+:func:`flip_counter_bits`). ``probe`` is never
 persistent: a train step attaches a zero float tensor there so that autograd delivers ``dL/dW`` (DESIGN.md §4).
 """
 
@@ -48,6 +50,14 @@ class TernaryWeight:
     def trainable(self) -> bool:
         """Whether the exponent accumulator is present (inference-only weights drop both accumulators)."""
         return self.e_accum is not None
+
+
+_COUNTER_BITS = {torch.int8: 8, torch.uint8: 4}  # t_accum dtype -> counter width
+
+
+def flip_counter_bits(w: TernaryWeight) -> int | None:
+    """The width of ``w``'s flip counters (8: int8, 4: packed nibbles), None without counters or of another dtype."""
+    return None if w.t_accum is None else _COUNTER_BITS.get(w.t_accum.dtype)
 
 
 def _flatten(w: TernaryWeight):
@@ -120,7 +130,8 @@ def validate_weight(w: TernaryWeight, name: str = "weight") -> None:
         check_group_size(w.group_size)
         validate_packed(w.packed, w.in_features)
         n, g = w.out_features, n_groups(w.in_features, w.group_size)
-        expected = {"exp": (w.exp, torch.int8, (n, g)), "t_accum": (w.t_accum, torch.int8, (n, w.in_features)),
+        counter_dtype, counter_width = update_ops.counter_layout(w.in_features, flip_counter_bits(w) or 8)
+        expected = {"exp": (w.exp, torch.int8, (n, g)), "t_accum": (w.t_accum, counter_dtype, (n, counter_width)),
                     "e_accum": (w.e_accum, torch.int8, (n, g))}
         optional = {"t_accum": True, "e_accum": w.t_accum is None}  # stochastic flips: no t_accum; frozen: neither
         for field, (t, dtype, shape) in expected.items():
@@ -129,6 +140,8 @@ def validate_weight(w: TernaryWeight, name: str = "weight") -> None:
             if t is None or t.dtype != dtype or tuple(t.shape) != shape:
                 got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
                 raise ValueError(f"{field} must be {dtype} {shape}, got {got}")
+        if flip_counter_bits(w) == 4 and w.in_features % 2 and bool((w.t_accum[:, -1] >> 4).any()):
+            raise ValueError("t_accum padding nibbles (high nibble of each row's last byte) must be 0")
         if w.probe is not None:
             raise ValueError("a persistent weight must not carry a probe")
     except ValueError as e:
@@ -181,13 +194,13 @@ def attach_probes(tree: Any, probes: Any) -> Any:
 
 
 def update_weight(w: TernaryWeight, grad: torch.Tensor | None, flip_threshold: int, exp_threshold: int,
-                  step: torch.Tensor | None = None, seed: int = 0, index: int = 0
+                  step: torch.Tensor | None = None, seed: int = 0, index: int = 0, counter_bits: int = 8
                   ) -> tuple[TernaryWeight, torch.Tensor, torch.Tensor]:
     """One sign-vote update of ``w`` from ``dL/dW``; returns (new weight, trits flipped, exponents moved).
 
-    Without ``step``: counter flips (``w`` needs ``t_accum``). With ``step`` (the state's int64 step counter):
-    stochastic flips drawn from the stream of (run ``seed``, tensor number ``index``); the new weight has no
-    t_accum (a counter it had is dropped: this rule never reads it).
+    Without ``step``: counter flips (``w`` needs ``t_accum`` of ``counter_bits``: 8, or 4 packed). With ``step``
+    (the state's int64 step counter): stochastic flips drawn from the stream of (run ``seed``, tensor number
+    ``index``); the new weight has no t_accum (a counter it had is dropped: this rule never reads it).
     """
     zero = torch.zeros((), dtype=torch.int64, device=w.packed.device)
     if grad is None or not w.trainable:
@@ -201,36 +214,55 @@ def update_weight(w: TernaryWeight, grad: torch.Tensor | None, flip_threshold: i
     if w.t_accum is None:
         raise ValueError("counter flips need t_accum; this weight has none (laid out for stochastic flips: "
                          "set_flip_counters(tree, True) adds zero counters)")
-    packed, exp, t_acc, e_acc, flips, moves = update_ops.ternary_update(
-        w.packed, w.exp, w.t_accum, w.e_accum, grad, k, gs, flip_threshold, exp_threshold)
+    if flip_counter_bits(w) != counter_bits:
+        raise ValueError(f"this weight's flip counters are {flip_counter_bits(w)}-bit ({w.t_accum.dtype}), the update "
+                         f"asks for {counter_bits}-bit: a state's counter width belongs to its run")
+    op = update_ops.ternary_update_nibble if counter_bits == 4 else update_ops.ternary_update
+    packed, exp, t_acc, e_acc, flips, moves = op(w.packed, w.exp, w.t_accum, w.e_accum, grad, k, gs, flip_threshold,
+                                                 exp_threshold)
     return TernaryWeight(packed, exp, t_acc, e_acc, k, gs), flips, moves
 
 
 def dither_flip_counters(tree: Any, flip_threshold: int, generator: torch.Generator) -> Any:
     """``tree`` with every flip counter drawn uniform in [-(θ-1), θ-1] (θ = ``flip_threshold``), in pytree
-    order from ``generator``: a fresh state's first flips then spread over steps instead of landing together."""
-    if not 1 <= flip_threshold <= 127:
-        raise ValueError(f"flip_threshold must be in 1..127, got {flip_threshold}")
+    order from ``generator``: a fresh state's first flips then spread over steps instead of landing together.
+    4-bit counters get the same draws as 8-bit ones would (then packed), so θ must fit them (<= 7)."""
 
     def dither(w: TernaryWeight) -> TernaryWeight:
-        if w.t_accum is None:
+        bits = flip_counter_bits(w)
+        if bits is None:
             return w
-        start = torch.randint(1 - flip_threshold, flip_threshold, tuple(w.t_accum.shape), generator=generator,
-                              dtype=torch.int8)
+        if not 1 <= flip_threshold <= update_ops.COUNTER_LIMITS[bits]:
+            raise ValueError(f"flip_threshold must be in 1..{update_ops.COUNTER_LIMITS[bits]} for {bits}-bit "
+                             f"counters, got {flip_threshold}")
+        start = torch.randint(1 - flip_threshold, flip_threshold, (w.out_features, w.in_features),
+                              generator=generator, dtype=torch.int8)
+        start = update_ops.pack_nibbles(start) if bits == 4 else start
         return dataclasses.replace(w, t_accum=start.to(w.t_accum.device))
 
     return map_weights(dither, tree)
 
 
-def set_flip_counters(tree: Any, present: bool) -> Any:
-    """``tree`` (params, a State, any pytree) with every trainable weight's ``t_accum`` present (kept, or zeros:
-    no votes yet) or dropped: the layout of a flip mode (``UpdateConfig.flip_counters``)."""
+def set_flip_counters(tree: Any, present: bool, counter_bits: int = 8) -> Any:
+    """``tree`` (params, a State, any pytree) with every trainable weight's ``t_accum`` present (kept, or zeros of
+    ``counter_bits``: no votes yet) or dropped: the layout of a flip mode (``UpdateConfig.flip_counters``).
+    Counters of another width raise ValueError (they cannot be kept, and resetting them would lose votes)."""
+    update_ops.check_counter_bits(counter_bits)
 
     def layout(w: TernaryWeight) -> TernaryWeight:
-        if not w.trainable or (w.t_accum is not None) == present:
+        if not w.trainable or (w.t_accum is None and not present):
             return w
-        counters = torch.zeros((w.out_features, w.in_features), dtype=torch.int8, device=w.packed.device)
-        return dataclasses.replace(w, t_accum=counters if present else None)
+        if w.t_accum is None:
+            dtype, width = update_ops.counter_layout(w.in_features, counter_bits)
+            return dataclasses.replace(w, t_accum=torch.zeros((w.out_features, width), dtype=dtype,
+                                                              device=w.packed.device))
+        if not present:
+            return dataclasses.replace(w, t_accum=None)
+        if flip_counter_bits(w) != counter_bits:
+            raise ValueError(f"flip counters are {flip_counter_bits(w)}-bit ({w.t_accum.dtype}), the layout asks for "
+                             f"{counter_bits}-bit: a state's counter width belongs to its run "
+                             "(UpdateConfig.counter_bits)")
+        return w
 
     return map_weights(layout, tree)
 

@@ -66,7 +66,7 @@ def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State,
         if not is_ternary(w):
             return w
         new, flips, moves = update_weight(w, g, update.flip_threshold, update.exp_threshold, step, update.seed,
-                                          len(counts["flips"]))
+                                          len(counts["flips"]), update.counter_bits)
         counts["flips"].append(flips)
         counts["exp_moves"].append(moves)
         return new

@@ -21,7 +21,7 @@ from arbfn import data
 from arbfn.compare import compare
 from arbfn.config import Config, UpdateConfig, preset
 from arbfn.model import init_model
-from arbfn.ternary import set_flip_counters, to_device
+from arbfn.ternary import to_device
 from arbfn.train import train
 
 
@@ -43,8 +43,7 @@ def configure(name: str, update: UpdateConfig, steps: int) -> Config:
 
 def run(cfg: Config, device: str) -> dict[str, float]:
     """One training run of the whole model; summary figures."""
-    state = to_device(init_model(cfg, torch.Generator().manual_seed(cfg.train.seed)), device)
-    state = set_flip_counters(state, cfg.update.flip_counters)
+    state = to_device(init_model(cfg, torch.Generator().manual_seed(cfg.train.seed)), device)  # laid out by cfg
     _, hist = train(cfg, state, data.load_corpus())
     return {"first": hist[0]["byte_loss"], "final": sum(h["byte_loss"] for h in hist[-5:]) / 5,
             "worst": max(h["loss"] for h in hist), "held_out_bpb": hist[-1]["held_out_bpb"],

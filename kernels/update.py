@@ -1,18 +1,26 @@
 """The sign-vote update: flip packed trits and move group exponents from the signs of ``dL/dW``.
 
-Two ops, each a pure function (new tensors, inputs never written):
+Three ops, each a pure function (new tensors, inputs never written):
 
 * ``arbfn::ternary_update(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold,
   exp_threshold) -> (packed', exp', t_accum', e_accum', flips, exp_moves)``: counter flips (below);
+* ``arbfn::ternary_update_nibble(...)``: the same arguments and the same rule as ``ternary_update``, with
+  4-bit counters packed two per byte (half a byte per weight instead of one; θ at most 7);
 * ``arbfn::ternary_update_stochastic(packed, exp, e_accum, grad, step, k, group_size, flip_threshold,
   exp_threshold, seed) -> (packed', exp', e_accum', flips, exp_moves)``: counter-free flips (below), no
   per-weight state at all (1 byte per weight less than the counter op).
 
-Shapes: packed uint8 [N, ceil(k/5)], exp int8 [N, G] with G = ceil(k/group_size), t_accum int8 [N, k],
-e_accum int8 [N, G], grad float [N, k] = dL/dW, step a 0-dim int64 tensor; flips and exp_moves are 0-dim
-int64.
+Shapes: packed uint8 [N, ceil(k/5)], exp int8 [N, G] with G = ceil(k/group_size), t_accum int8 [N, k]
+(``ternary_update_nibble``: uint8 [N, ceil(k/2)], below), e_accum int8 [N, G], grad float [N, k] = dL/dW,
+step a 0-dim int64 tensor; flips and exp_moves are 0-dim int64.
 
-The rule, with θ = flip_threshold and θE = exp_threshold (both 1..127), votes in int32, hashes in int64:
+4-bit counters (:func:`pack_nibbles`): the counter of column c sits in byte c // 2 of its row, in the low
+nibble for even c and the high nibble for odd c, in two's complement: a value v in -8..7 is stored as v & 15
+and a nibble u reads back as u - 16 where u >= 8. The padding nibble (high nibble of a row's last byte when k
+is odd) is ignored on input and written 0.
+
+The rule, with θ = flip_threshold (1..127; 1..7 for 4-bit counters) and θE = exp_threshold (1..127), votes in
+int32, hashes in int64:
 
 * sign s = +1 where grad > 0, -1 where grad < 0, 0 where grad == 0 or NaN (NaN never votes);
   the trit vote is v = -s (descent direction).
@@ -35,9 +43,12 @@ The rule, with θ = flip_threshold and θE = exp_threshold (both 1..127), votes 
 * flips = number of trits changed; exp_moves = number of exponents changed.
 
 CUDA runs two Triton kernels per op over flattened indices (exponent: a block of (row, group) pairs per
-program; flip: a block of (row, packed byte) pairs per program, 5 digits each), each writing a
-per-program int32 count that torch sums to int64 (deterministic, no atomics). Offsets are int32, so
-N * k must stay below 2**31. CPU runs the pure-torch reference, which is also the tests' oracle.
+program; flip: a block of (row, span) pairs per program, a span being one packed byte (5 digits), or two
+for 4-bit counters (10 digits, whose counters fill 5 whole bytes, so no byte is shared between lanes)),
+each writing a per-program int32 count that torch sums to int64 (deterministic, no atomics). Nibbles are
+loaded as bytes, widened to int32 at once and taken apart there (the interpreter's uint8 bit twiddling is
+unreliable, DESIGN.md §7). Offsets are int32, so N * k must stay below 2**31. CPU runs the pure-torch
+reference, which is also the tests' oracle.
 """
 
 from __future__ import annotations
@@ -52,20 +63,39 @@ from kernels.packing import check_group_size, n_groups, pack_reference, packed_w
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 StochasticOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 MAX_THRESHOLD = 127
+COUNTER_LIMITS = {8: MAX_THRESHOLD, 4: 7}  # counter bits -> the largest flip threshold the counter holds
 MASK32 = 0xFFFFFFFF
 WEYL = 0x61C88647  # 2**32 - the golden-ratio constant 0x9E3779B9: below 2**31, odd
 MIX1, MIX2 = 0x21F0AAAD, 0x735A2D97  # lowbias32 multipliers, both below 2**31
 DRAW_BITS = 24  # u is a 24-bit draw
 
 
+def check_counter_bits(counter_bits: int) -> None:
+    """Raise ValueError unless ``counter_bits`` is a flip-counter width the ops implement (8 or 4)."""
+    if counter_bits not in COUNTER_LIMITS:
+        raise ValueError(f"counter_bits must be one of {sorted(COUNTER_LIMITS, reverse=True)}, got {counter_bits}")
+
+
+def counter_layout(k: int, counter_bits: int) -> tuple[torch.dtype, int]:
+    """(dtype, bytes per row) of the flip counters of a k-column weight: int8 k, or uint8 ceil(k/2) for 4 bits."""
+    check_counter_bits(counter_bits)
+    return (torch.int8, k) if counter_bits == 8 else (torch.uint8, cdiv(k, 2))
+
+
 def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
-                      grad: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int) -> None:
+                      grad: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int,
+                      counter_bits: int = 8) -> None:
     """Raise ValueError on bad ints, dtypes or shapes (metadata only: no data-dependent checks).
 
-    ``t_accum=None`` checks the stochastic op's arguments, which have no per-weight accumulator."""
+    ``t_accum=None`` checks the stochastic op's arguments, which have no per-weight accumulator; otherwise
+    ``t_accum`` must have the layout of ``counter_bits`` and the flip threshold must fit in its counter."""
+    check_counter_bits(counter_bits)
     for name, th in (("flip_threshold", flip_threshold), ("exp_threshold", exp_threshold)):
         if not 1 <= th <= MAX_THRESHOLD:
             raise ValueError(f"{name} must be in 1..{MAX_THRESHOLD}, got {th}")
+    if t_accum is not None and flip_threshold > COUNTER_LIMITS[counter_bits]:
+        raise ValueError(f"flip_threshold must be at most {COUNTER_LIMITS[counter_bits]} for {counter_bits}-bit "
+                         f"counters, got {flip_threshold}")
     check_group_size(group_size)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -73,10 +103,12 @@ def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Te
     expect = [("packed", packed, torch.uint8, (n, kb)), ("exp", exp, torch.int8, (n, g)),
               ("e_accum", e_accum, torch.int8, (n, g))]
     if t_accum is not None:
-        expect.append(("t_accum", t_accum, torch.int8, (n, k)))
+        dtype, width = counter_layout(k, counter_bits)
+        expect.append(("t_accum", t_accum, dtype, (n, width)))
     for name, t, dtype, shape in expect:
         if t.dtype != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"{name} must be {dtype} of shape {shape} (k={k}, group_size={group_size}), "
+            bits = f", {counter_bits}-bit counters" if name == "t_accum" else ""
+            raise ValueError(f"{name} must be {dtype} of shape {shape} (k={k}, group_size={group_size}{bits}), "
                              f"got {t.dtype} of shape {tuple(t.shape)}")
     if not grad.is_floating_point() or tuple(grad.shape) != (n, k):
         raise ValueError(f"grad must be a float tensor of shape {(n, k)}, got {grad.dtype} of shape {tuple(grad.shape)}")
@@ -130,6 +162,31 @@ def flip_cutoff(flip_threshold: int) -> int:
     return (1 << DRAW_BITS) // flip_threshold
 
 
+# ---------------------------------------------------------------- 4-bit counters (torch)
+
+
+def pack_nibbles(counters: torch.Tensor) -> torch.Tensor:
+    """Counters [N, k] (any integer dtype, values in -8..7) as uint8 [N, ceil(k/2)] two's-complement nibbles,
+    column 2j in the low nibble of byte j; a padding nibble is 0."""
+    if counters.dim() != 2 or counters.is_floating_point():
+        raise ValueError(f"counters must be an integer tensor [N, k], got {counters.dtype} {tuple(counters.shape)}")
+    if counters.numel() and not bool(((counters >= -8) & (counters <= 7)).all()):
+        raise ValueError("4-bit counters must lie in -8..7")
+    n, k = counters.shape
+    x = torch.nn.functional.pad(counters.to(torch.int32) & 15, (0, k % 2)).view(n, cdiv(k, 2), 2)
+    return (x[..., 0] | (x[..., 1] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The int8 counters [N, k] (-8..7) of :func:`pack_nibbles` output ``packed`` [N, ceil(k/2)]."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != cdiv(k, 2):
+        raise ValueError(f"packed nibbles for k={k} must be uint8 [N, {cdiv(k, 2)}], got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    x = packed.to(torch.int32)
+    v = torch.stack((x & 15, x >> 4), dim=-1).view(packed.shape[0], 2 * packed.shape[1])[:, :k]
+    return (v - ((v >> 3) << 4)).to(torch.int8)
+
+
 # ---------------------------------------------------------------- reference (CPU path, test oracle)
 
 
@@ -158,17 +215,18 @@ def _moved(t: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch
 
 
 def ternary_update_reference(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
-                             grad: torch.Tensor, k: int, group_size: int, flip_threshold: int,
-                             exp_threshold: int) -> Outputs:
-    """Pure-torch counter rule (see the module docstring)."""
-    check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
+                             grad: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int,
+                             counter_bits: int = 8) -> Outputs:
+    """Pure-torch counter rule (see the module docstring) on ``counter_bits``-bit counters (8, or 4 packed)."""
+    check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold, counter_bits)
     packed, exp, t_accum, e_accum, grad = (x.contiguous() for x in (packed, exp, t_accum, e_accum, grad))
-    th = flip_threshold
+    th, nibbles = flip_threshold, counter_bits == 4
     t = unpack_reference(packed, k).to(torch.int32)
     s = _signs(grad)
-    a = (t_accum.to(torch.int32) - s).clamp(-th, th)
+    a = ((unpack_nibbles(t_accum, k) if nibbles else t_accum).to(torch.int32) - s).clamp(-th, th)
     up, down = (a >= th) & (t < 1), (a <= -th) & (t > -1)
-    new_a = torch.where(up | down, 0, a).to(torch.int8)
+    new_a = torch.where(up | down, 0, a)
+    new_a = pack_nibbles(new_a) if nibbles else new_a.to(torch.int8)
     new_e, new_b, moves = _exponent_rule(t, s, exp, e_accum, k, group_size, exp_threshold)
     new_packed, flips = _moved(t, up, down)
     return new_packed, new_e, new_a, new_b, flips, moves
@@ -244,23 +302,28 @@ def _exp_update_kernel(packed_ptr, exp_ptr, e_accum_ptr, grad_ptr, new_exp_ptr, 
     tl.store(count_ptr + pid, tl.sum(tl.where(qmask, inc + dec, 0), axis=0))
 
 
-@triton.jit(do_not_specialize=["NKB", "K", "KB", "TH"])  # sizes vary per call: one compile, not one per size
+@triton.jit(do_not_specialize=["NQ", "K", "KB", "KT", "QB", "TH"])  # sizes vary per call: one compile per mode
 def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new_t_accum_ptr, count_ptr,
-                 NKB, K, KB, TH, BLOCK_B: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """Counter flips (t_accum in and out; key unused), or with STOCHASTIC hashed flips where a draw is
-    below TH (the cutoff; t_accum pointers unused)."""
+                 NQ, K, KB, KT, QB, TH, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, STOCHASTIC: tl.constexpr,
+                 NIBBLES: tl.constexpr):
+    """Counter flips (t_accum in and out, KT bytes per row: int8, or with NIBBLES 4-bit pairs; key unused), or
+    with STOCHASTIC hashed flips where a draw is below TH (the cutoff; t_accum pointers unused). A lane takes
+    SPAN packed bytes of a row (QB spans per row): 2 with NIBBLES, so its 10 counters fill 5 whole bytes."""
     pid = tl.program_id(0)
-    q = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # flat (row, byte) index over N * KB
-    qmask = q < NKB
-    row, bcol = q // KB, q % KB
-    byte = tl.load(packed_ptr + q, mask=qmask, other=121).to(tl.int32)
-    new_byte = tl.zeros((BLOCK_B,), tl.int32)
+    q = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # flat (row, span) index over N * QB
+    qmask = q < NQ
+    row, span = q // QB, q % QB
     flips = tl.zeros((BLOCK_B,), tl.int32)
-    weight = 1
     if STOCHASTIC:
         key = tl.load(key_ptr)
-    for i in tl.static_range(5):
-        cols = bcol * 5 + i
+    for i in tl.static_range(5 * SPAN):
+        if i % 5 == 0:  # the next packed byte of the span
+            bcol = span * SPAN + i // 5
+            bmask = qmask & (bcol < KB)
+            byte = tl.load(packed_ptr + row * KB + bcol, mask=bmask, other=121).to(tl.int32)
+            new_byte = tl.zeros((BLOCK_B,), tl.int32)
+            weight = 1
+        cols = bcol * 5 + i % 5
         mask = qmask & (cols < K)
         offs = row * K + cols
         t = trit_of(byte, cols)
@@ -270,15 +333,31 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new
             up = (go & (s < 0) & (t < 1)).to(tl.int32)
             down = (go & (s > 0) & (t > -1)).to(tl.int32)
         else:
-            a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
+            if NIBBLES:
+                if i % 2 == 0:  # the counter byte of columns cols, cols + 1, widened to int32 before any bit op
+                    hoffs = row * KT + span * 5 + i // 2
+                    hmask = qmask & (span * 5 + i // 2 < KT)
+                    pair = tl.load(t_accum_ptr + hoffs, mask=hmask, other=0).to(tl.int32)
+                nib = (pair >> (4 * (i % 2))) & 15
+                a = tl.where(mask, nib - ((nib >> 3) << 4), 0) - s
+            else:
+                a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
             a = tl.minimum(tl.maximum(a, -TH), TH)
             up = ((a >= TH) & (t < 1)).to(tl.int32)
             down = ((a <= -TH) & (t > -1)).to(tl.int32)
-            tl.store(new_t_accum_ptr + offs, tl.where(up + down > 0, 0, a).to(tl.int8), mask=mask)
+            a = tl.where(up + down > 0, 0, a)
+            if NIBBLES:
+                if i % 2 == 0:
+                    new_pair = a & 15
+                else:  # both nibbles known: store the byte (a padding nibble is 0: its a is 0)
+                    tl.store(new_t_accum_ptr + hoffs, (new_pair | ((a & 15) << 4)).to(tl.uint8), mask=hmask)
+            else:
+                tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
         new_byte += tl.where(mask, t + up - down + 1, 1) * weight
         flips += tl.where(mask, up + down, 0)
         weight *= 3
-    tl.store(new_packed_ptr + q, new_byte.to(tl.uint8), mask=qmask)
+        if i % 5 == 4:
+            tl.store(new_packed_ptr + row * KB + bcol, new_byte.to(tl.uint8), mask=bmask)
     tl.store(count_ptr + pid, tl.sum(flips, axis=0))
 
 
@@ -288,8 +367,9 @@ _EXP_TILE = 4096  # elements per exponent program (BLOCK_Q * GS_P2)
 
 def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
             grad: torch.Tensor, key: torch.Tensor | None, k: int, group_size: int, flip_cut: int,
-            exp_threshold: int) -> Outputs:
-    """Both kernels on contiguous, checked inputs; ``key`` selects stochastic flips (t_accum' is then None)."""
+            exp_threshold: int, counter_bits: int = 8) -> Outputs:
+    """Both kernels on contiguous, checked inputs; ``key`` selects stochastic flips (t_accum' is then None),
+    else counter flips on ``counter_bits``-bit counters."""
     n, kb, g = packed.shape[0], packed_width(k), n_groups(k, group_size)
     new_packed = packed.new_empty(packed.shape)
     new_t_accum = None if t_accum is None else t_accum.new_empty(t_accum.shape)
@@ -302,22 +382,27 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
     exp_counts = torch.empty(cdiv(n * g, block_q), dtype=torch.int32, device=packed.device)
     _exp_update_kernel[(exp_counts.numel(),)](packed, exp, e_accum, grad, new_exp, new_e_accum, exp_counts, n * g,
                                               k, kb, g, exp_threshold, GS=group_size, GS_P2=gs_p2, BLOCK_Q=block_q)
-    block_b = min(_FLIP_BLOCK, triton.next_power_of_2(n * kb))
-    flip_counts = torch.empty(cdiv(n * kb, block_b), dtype=torch.int32, device=packed.device)
-    _flip_kernel[(flip_counts.numel(),)](packed, t_accum, grad, key, new_packed, new_t_accum, flip_counts, n * kb, k,
-                                         kb, flip_cut, BLOCK_B=block_b, STOCHASTIC=key is not None)
+    nibbles = key is None and counter_bits == 4
+    span = 2 if nibbles else 1
+    qb = cdiv(kb, span)
+    block_b = min(_FLIP_BLOCK // span, triton.next_power_of_2(n * qb))
+    flip_counts = torch.empty(cdiv(n * qb, block_b), dtype=torch.int32, device=packed.device)
+    _flip_kernel[(flip_counts.numel(),)](packed, t_accum, grad, key, new_packed, new_t_accum, flip_counts, n * qb, k,
+                                         kb, counter_layout(k, counter_bits)[1], qb, flip_cut, BLOCK_B=block_b,
+                                         SPAN=span, STOCHASTIC=key is not None, NIBBLES=nibbles)
     return (new_packed, new_exp, new_t_accum, new_e_accum,
             flip_counts.sum(dtype=torch.int64), exp_counts.sum(dtype=torch.int64))
 
 
 def ternary_update_triton(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
-                          grad: torch.Tensor, k: int, group_size: int, flip_threshold: int,
-                          exp_threshold: int) -> Outputs:
-    """Launch the exponent and counter-flip kernels (CUDA, or CPU under the interpreter)."""
-    check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
+                          grad: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int,
+                          counter_bits: int = 8) -> Outputs:
+    """Launch the exponent and counter-flip kernels (CUDA, or CPU under the interpreter) on ``counter_bits``-bit
+    counters (8, or 4 packed)."""
+    check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold, counter_bits)
     check_launchable(packed, exp, t_accum, e_accum, grad)
     inputs = (x.contiguous() for x in (packed, exp, t_accum, e_accum, grad))
-    return _launch(*inputs, None, k, group_size, flip_threshold, exp_threshold)
+    return _launch(*inputs, None, k, group_size, flip_threshold, exp_threshold, counter_bits)
 
 
 def ternary_update_stochastic_triton(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor,
@@ -353,11 +438,38 @@ def _counts_like(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.new_empty((), dtype=torch.int64), packed.new_empty((), dtype=torch.int64)
 
 
-@ternary_update.register_fake
+def _counter_fake(counter_bits: int):
+    """The fake (shapes and checks only) of the counter op on ``counter_bits``-bit counters."""
+
+    def fake(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold):
+        check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold,
+                          counter_bits)
+        return (packed.new_empty(packed.shape), exp.new_empty(exp.shape), t_accum.new_empty(t_accum.shape),
+                e_accum.new_empty(e_accum.shape), *_counts_like(packed))
+
+    return fake
+
+
+ternary_update.register_fake(_counter_fake(8))
+
+
+@torch.library.custom_op("arbfn::ternary_update_nibble", mutates_args=())
+def ternary_update_nibble(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
+                          grad: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]:
+    """``ternary_update`` on 4-bit counters packed two per byte (t_accum uint8 [N, ceil(k/2)], θ <= 7)."""
+    return ternary_update_reference(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold,
+                                    counter_bits=4)
+
+
+@ternary_update_nibble.register_kernel("cuda")
 def _(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold):
-    check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
-    return (packed.new_empty(packed.shape), exp.new_empty(exp.shape), t_accum.new_empty(t_accum.shape),
-            e_accum.new_empty(e_accum.shape), *_counts_like(packed))
+    return ternary_update_triton(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold,
+                                 counter_bits=4)
+
+
+ternary_update_nibble.register_fake(_counter_fake(4))
 
 
 @torch.library.custom_op("arbfn::ternary_update_stochastic", mutates_args=())

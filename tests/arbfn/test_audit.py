@@ -9,9 +9,9 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from arbfn.audit import AuditError, audit, format_audit
-from arbfn.config import ModelConfig, preset
+from arbfn.config import ModelConfig, UpdateConfig, preset
 from arbfn.model import State, init_model
-from arbfn.ternary import set_flip_counters, weights
+from arbfn.ternary import init_ternary, set_flip_counters, weights
 
 TINY = preset("tiny")
 KEYS = {"ternary_weights", "state_bytes", "bytes_per_weight", "trainable_float_params", "frozen_float_params",
@@ -65,6 +65,28 @@ def test_stochastic_flip_layout_is_under_0_35_bytes_per_weight(name):
     assert b["ternary_weights"] == a["ternary_weights"]
     assert b["state_bytes"] == a["state_bytes"] - a["ternary_weights"]
     assert 0.25 <= b["bytes_per_weight"] <= 0.35
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_four_bit_counters_count_half_a_byte_per_weight(name):
+    """4-bit flip counters (UpdateConfig.counter_bits 4) hold ceil(K/2) bytes per row of K weights where int8 ones hold
+    K: the audit counts exactly that difference (an odd K rounds up), about 0.5 bytes/weight less."""
+    cfg = preset(name)
+    full = init_model(cfg)  # shape-only
+    narrow = init_model(dataclasses.replace(cfg, update=UpdateConfig(flip_threshold=7, counter_bits=4)))
+    a, b = audit(full), audit(narrow)
+    saved = sum(w.out_features * (w.in_features - (w.in_features + 1) // 2) for w in weights(full.params)
+                if w.t_accum is not None)
+    assert b["ternary_weights"] == a["ternary_weights"]
+    assert b["state_bytes"] == a["state_bytes"] - saved
+    assert a["bytes_per_weight"] - 0.5 <= b["bytes_per_weight"] <= a["bytes_per_weight"] - 0.49
+
+
+def test_four_bit_counters_of_an_odd_width_round_up():
+    w = set_flip_counters(set_flip_counters(init_ternary(3, 7, 4, torch.Generator().manual_seed(0)), False), True, 4)
+    r = audit(State({"w": w}, torch.tensor(0), ModelConfig()))
+    # packed 3 x 2, exp and e_accum 3 x 2 each, counters 3 x ceil(7/2), the int64 step
+    assert r["state_bytes"] == 6 + 6 + 6 + 12 + 8 and r["ternary_weights"] == 21
 
 
 def test_json_keys(state):

@@ -15,10 +15,11 @@ from arbfn import checkpoint, data
 from arbfn.checkpoint import FORMAT, CheckpointError, _digest, load, load_config, load_run, save
 from arbfn.config import Config, ModelConfig, UpdateConfig, preset
 from arbfn.model import State, init_model
-from arbfn.ternary import set_flip_counters, weights
+from arbfn.ternary import flip_counter_bits, set_flip_counters, weights
 from arbfn.train import train_step
 
 CFG = dataclasses.replace(preset("tiny"), update=UpdateConfig(flip_threshold=2, exp_threshold=3))
+TINY_D_FF, TINY_D_MODEL = CFG.model.d_ff, CFG.model.d_model
 
 
 def tensors(state: State) -> dict[str, torch.Tensor]:
@@ -127,6 +128,53 @@ def test_counter_config_saves_a_stochastic_state_with_zero_counters(trained, tmp
     write_raw(tmp_path / "bad.safetensors", raw, {**meta, "config": CFG.to_json()})  # counters expected, absent
     with pytest.raises(CheckpointError, match=r"missing: \['params.blocks.0.attn.k.t_accum'"):
         load(tmp_path / "bad.safetensors")
+
+
+NIBBLES = dataclasses.replace(CFG, update=UpdateConfig(flip_threshold=2, exp_threshold=3, counter_bits=4))
+
+
+@pytest.fixture(scope="module")
+def nibble_state() -> State:
+    """The tiny model with 4-bit flip counters after 2 train steps."""
+    state = init_model(NIBBLES, torch.Generator().manual_seed(0))
+    stream = data.iterate_batches(data.load_corpus(), 4, 32, 0)
+    for _ in range(2):
+        state, m = train_step(state, next(stream), NIBBLES)
+        assert int(m["flips"]) > 0
+    return state
+
+
+def test_nibble_state_round_trips_with_or_without_a_config(nibble_state, tmp_path):
+    for cfg in (NIBBLES, None):
+        path = save(nibble_state, tmp_path / f"{cfg is None}.safetensors", cfg)
+        raw, _ = read_raw(path)
+        counters = raw["params.blocks.0.mlp.up.t_accum"]
+        assert counters.dtype == torch.uint8 and counters.shape == (TINY_D_FF, TINY_D_MODEL // 2)
+        back, got = load_run(path)
+        assert got.update.counter_bits == 4 and (cfg is None or got == NIBBLES)
+        assert all(flip_counter_bits(w) == 4 for w in weights(back.params))
+        a, b = tensors(back), tensors(nibble_state)
+        assert list(a) == list(b) and all(torch.equal(a[n], b[n]) and a[n].dtype == b[n].dtype for n in a)
+
+
+@pytest.mark.parametrize("stored,claimed", [("nibbles", CFG), ("int8", NIBBLES)])
+def test_a_checkpoint_loads_only_in_its_counter_width(nibble_state, trained, tmp_path, stored, claimed):
+    """Tensors of one width under a config of the other (a correct digest): a clear CheckpointError."""
+    state, cfg = (nibble_state, NIBBLES) if stored == "nibbles" else (trained, CFG)
+    raw, meta = read_raw(save(state, tmp_path / "c.safetensors", cfg))
+    write_raw(tmp_path / "other.safetensors", raw, {**meta, "config": claimed.to_json()})
+    bits = claimed.update.counter_bits
+    with pytest.raises(CheckpointError, match=rf"t_accum holds torch.u?int8 flip counters, but the checkpoint's "
+                                              rf"config says update.counter_bits={bits}"):
+        load(tmp_path / "other.safetensors")
+
+
+def test_save_refuses_counters_of_another_width(nibble_state, trained, tmp_path):
+    with pytest.raises(ValueError, match="flip counters are 8-bit.*asks for 4-bit"):
+        save(trained, tmp_path / "a.safetensors", NIBBLES)
+    with pytest.raises(ValueError, match="flip counters are 4-bit.*asks for 8-bit"):
+        save(nibble_state, tmp_path / "b.safetensors", CFG)
+    assert os.listdir(tmp_path) == []
 
 
 def test_save_refuses_an_invalid_state(trained, tmp_path):

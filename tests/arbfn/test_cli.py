@@ -61,6 +61,28 @@ def test_train_stochastic_flip_mode_keeps_no_counters(tmp_path, run, capsys):
     assert "--flip-mode stochastic differs from the checkpoint's 'counter'" in capsys.readouterr().err
 
 
+def test_train_four_bit_counters_and_their_resume_rules(tmp_path, run, capsys):
+    out = tmp_path / "nib"
+    assert main(["train", "--preset", "tiny", "--steps", "1", "--counter-bits", "4", "--flip-threshold", "6",
+                 "--out", str(out), "--quiet"]) == 0
+    state, cfg = checkpoint.load_run(out / "checkpoint.safetensors")
+    assert (cfg.update.counter_bits, cfg.update.flip_threshold, cfg.update.flip_mode) == (4, 6, "counter")
+    assert audit(state)["bytes_per_weight"] < audit(init_model(preset("tiny")))["bytes_per_weight"] - 0.49
+    capsys.readouterr()
+    cases = [  # (arguments, the error they give)
+        (["--preset", "tiny", "--counter-bits", "4"], "flip_threshold must be at most 7 with 4-bit counters"),
+        (["--resume", str(out / "checkpoint.safetensors"), "--counter-bits", "8"],
+         "--counter-bits 8 differs from the checkpoint's 4"),
+        (["--resume", str(run[0] / "checkpoint.safetensors"), "--counter-bits", "4", "--flip-threshold", "6"],
+         "--counter-bits 4 differs from the checkpoint's 8"),
+        (["--resume", str(out / "checkpoint.safetensors"), "--flip-threshold", "9"], "at most 7"),
+    ]
+    for args, error in cases:
+        assert main(["train", *args, "--steps", "1", "--out", str(tmp_path / "x"), "--quiet"]) == 2, args
+        assert error in capsys.readouterr().err, args
+    assert not (tmp_path / "x").exists()
+
+
 def test_generate_continues_the_prompt(run, capsys):
     ckpt = str(run[0] / "checkpoint.safetensors")
     assert main(["generate", "--checkpoint", ckpt, "--prompt", "The ", "--max-bytes", "12"]) == 0

@@ -164,3 +164,17 @@ def test_cli_compare_json(capsys, tmp_path):
     assert math.isfinite(result["bpb_ternary"]) and math.isfinite(result["bpb_float"])
     assert (tmp_path / "o" / "compare.png").read_bytes()[:8] == PNG_MAGIC
     assert json.loads((tmp_path / "o" / "compare.json").read_text())["ratio"] == result["ratio"]
+    assert result["update"]["counter_bits"] == 8 and result["update"]["flip_threshold"] == 16
+
+
+def test_cli_compare_four_bit_counters(capsys, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(data.load_corpus()[:10240])
+    args = ["compare", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "o"), "--corpus", str(corpus)]
+    assert main([*args, "--counter-bits", "4", "--flip-threshold", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["update"]["counter_bits"] == 4 and result["update"]["flip_threshold"] == 5
+    assert result["bytes_per_weight"] < 0.8 and math.isfinite(result["bpb_ternary"])
+    assert "counter flips (4-bit counters), flip threshold 5" in format_table(result)
+    assert main([*args, "--counter-bits", "4"]) == 2
+    assert "flip_threshold must be at most 7" in capsys.readouterr().err

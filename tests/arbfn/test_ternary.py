@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from arbfn.ternary import (
     dither_flip_counters,
+    flip_counter_bits,
     TernaryWeight,
     attach_probes,
     decode,
@@ -27,6 +28,7 @@ from arbfn.ternary import (
     weights,
 )
 from kernels.packing import pack_reference, unpack_reference
+from kernels.update import pack_nibbles, unpack_nibbles
 
 FIELDS = ("packed", "exp", "t_accum", "e_accum")
 
@@ -425,14 +427,84 @@ def test_apply_update_draws_one_stream_per_tensor_and_step():
 
 
 @pytest.mark.parametrize("bad", [dict(flip_mode="counters"), dict(flip_mode=""), dict(seed=-1), dict(seed=2**32),
-                                 dict(flip_threshold=0), dict(exp_threshold=128)])
+                                 dict(flip_threshold=0), dict(exp_threshold=128), dict(counter_bits=5),
+                                 dict(counter_bits=16), dict(counter_bits=4), dict(counter_bits=4, flip_threshold=8)])
 def test_update_config_rejects_bad_knobs(bad):
     from arbfn.config import UpdateConfig
 
     with pytest.raises(ValueError, match="UpdateConfig"):
         UpdateConfig(**bad)
     assert UpdateConfig(flip_mode="stochastic", seed=2**32 - 1).flip_counters is False
-    assert UpdateConfig().flip_counters is True
+    assert UpdateConfig().flip_counters is True and UpdateConfig().counter_bits == 8
+    assert UpdateConfig(flip_threshold=7, counter_bits=4).counter_bits == 4
+    assert UpdateConfig(flip_threshold=64, flip_mode="stochastic", counter_bits=4).flip_threshold == 64  # no counters
+
+
+# ---------------------------------------------------------------- 4-bit flip counters
+
+
+def test_nibble_counters_update_exactly_like_int8_ones():
+    """From the same counters (within ±7) and gradient, a 4-bit weight moves as the 8-bit one, step after step."""
+    n, k, gs, th = 9, 23, 4, 5
+    w8 = dataclasses.replace(init_ternary(n, k, gs, gen(11)),
+                             t_accum=torch.randint(-7, 8, (n, k), generator=gen(12), dtype=torch.int8))
+    w4 = dataclasses.replace(w8, t_accum=pack_nibbles(w8.t_accum))
+    assert flip_counter_bits(w8) == 8 and flip_counter_bits(w4) == 4
+    total = 0
+    for step in range(6):
+        grad = torch.randn(n, k, generator=gen(step))
+        w8, flips8, moves8 = update_weight(w8, grad, th, 3)
+        w4, flips4, moves4 = update_weight(w4, grad, th, 3, counter_bits=4)
+        validate_weight(w4)
+        assert w4.t_accum.dtype == torch.uint8 and w4.t_accum.shape == (n, 12)
+        assert torch.equal(unpack_nibbles(w4.t_accum, k), w8.t_accum)
+        for f in ("packed", "exp", "e_accum"):
+            assert torch.equal(getattr(w4, f), getattr(w8, f)), f
+        assert int(flips4) == int(flips8) and int(moves4) == int(moves8)
+        total += int(flips8)
+    assert total > 0
+
+
+def test_update_weight_refuses_a_counter_width_mismatch():
+    w8 = init_ternary(3, 7, 4, gen())
+    w4 = set_flip_counters(set_flip_counters(w8, False), True, 4)
+    for w, bits in ((w8, 4), (w4, 8)):
+        with pytest.raises(ValueError, match=f"asks for {bits}-bit"):
+            update_weight(w, torch.ones(3, 7), 5, 32, counter_bits=bits)
+    with pytest.raises(ValueError, match="at most 7 for 4-bit"):
+        update_weight(w4, torch.ones(3, 7), 8, 32, counter_bits=4)
+
+
+def test_set_flip_counters_lays_out_nibbles():
+    frozen = dataclasses.replace(init_ternary(2, 8, 4, gen()), t_accum=None, e_accum=None)
+    tree = {"a": init_ternary(4, 13, 4, gen(1)), "b": [init_ternary(3, 6, 4, gen(2))], "frozen": frozen}
+    nibbles = set_flip_counters(set_flip_counters(tree, False), True, 4)
+    assert nibbles["frozen"] is frozen
+    for w in (nibbles["a"], nibbles["b"][0]):
+        assert w.t_accum.dtype == torch.uint8 and w.t_accum.shape == (w.out_features, -(-w.in_features // 2))
+        assert not w.t_accum.any() and flip_counter_bits(w) == 4
+        validate_weight(w)
+    assert set_flip_counters(nibbles, True, 4)["a"] is nibbles["a"], "counters of the width asked for are kept"
+    assert all(w.t_accum is None for w in weights(set_flip_counters(nibbles, False, 4)))
+    with pytest.raises(ValueError, match="flip counters are 8-bit.*asks for 4-bit"):
+        set_flip_counters(tree, True, 4)
+    with pytest.raises(ValueError, match="flip counters are 4-bit.*asks for 8-bit"):
+        set_flip_counters(nibbles, True)
+    with pytest.raises(ValueError, match="counter_bits"):
+        set_flip_counters(tree, True, 2)
+
+
+def test_validate_weight_checks_the_nibble_layout():
+    w = set_flip_counters(set_flip_counters(init_ternary(3, 7, 4, gen()), False), True, 4)  # 4 bytes, 1 padding nibble
+    validate_weight(w)
+    for bad, match in ((w.t_accum[:, :3], "t_accum must be torch.uint8"),
+                       (torch.zeros((3, 7), dtype=torch.uint8), r"t_accum must be torch.uint8 \(3, 4\)"),
+                       (torch.full((3, 4), 0x10, dtype=torch.uint8), "padding nibbles")):
+        with pytest.raises(ValueError, match=match):
+            validate_weight(dataclasses.replace(w, t_accum=bad))
+    validate_weight(dataclasses.replace(w, t_accum=torch.full((3, 4), 0x0F, dtype=torch.uint8)))  # -1 in column 6
+    even = set_flip_counters(set_flip_counters(init_ternary(3, 8, 4, gen()), False), True, 4)
+    validate_weight(dataclasses.replace(even, t_accum=torch.full((3, 4), 0xF8, dtype=torch.uint8)))  # no padding
 
 
 # ---------------------------------------------------------------- dithered flip counters
@@ -453,8 +525,23 @@ def test_dither_draws_counters_in_range_deterministically():
         dither_flip_counters(tree, 128, torch.Generator())
 
 
+def test_dithered_nibbles_are_the_int8_draws_packed():
+    tree = {"a": init_ternary(7, 13, 4, torch.Generator().manual_seed(0)),
+            "b": init_ternary(3, 5, 4, torch.Generator().manual_seed(1))}
+    nibbles = set_flip_counters(set_flip_counters(tree, False), True, 4)
+    one = dither_flip_counters(tree, 7, torch.Generator().manual_seed(5))
+    four = dither_flip_counters(nibbles, 7, torch.Generator().manual_seed(5))
+    for name in tree:
+        w = four[name]
+        assert w.t_accum.dtype == torch.uint8 and torch.equal(w.t_accum, pack_nibbles(one[name].t_accum))
+        validate_weight(w)
+    assert max(int(unpack_nibbles(w.t_accum, w.in_features).abs().max()) for w in four.values()) == 6
+    with pytest.raises(ValueError, match="1..7 for 4-bit"):
+        dither_flip_counters(nibbles, 8, torch.Generator())
+
+
 def test_init_model_dithers_counters_without_changing_weights():
-    from arbfn.config import preset
+    from arbfn.config import UpdateConfig, preset
     from arbfn.model import init_model
 
     cfg = preset("tiny")
@@ -465,6 +552,13 @@ def test_init_model_dithers_counters_without_changing_weights():
         assert torch.equal(a.packed, b.packed) and torch.equal(a.exp, b.exp)
         if a.trainable:
             assert not a.t_accum.any() and b.t_accum.abs().max() == cfg.update.flip_threshold - 1
+    # 4-bit counters: the same weights and the same draws (at the same θ), packed
+    at = {bits: init_model(dataclasses.replace(cfg, update=UpdateConfig(flip_threshold=6, counter_bits=bits)),
+                           torch.Generator().manual_seed(0)) for bits in (8, 4)}
+    for a, b, c in zip(weights(plain.params), weights(at[8].params), weights(at[4].params)):
+        assert torch.equal(a.packed, c.packed) and torch.equal(a.exp, c.exp)
+        if a.trainable:
+            assert flip_counter_bits(c) == 4 and torch.equal(c.t_accum, pack_nibbles(b.t_accum))
 
 
 def test_dithered_counters_spread_the_first_flips():

@@ -14,6 +14,7 @@ from arbfn.model import State, apply_model, init_model
 from arbfn.ternary import validate_weight, weights
 from arbfn.train import evaluate, gradient_signals, loss_fn, train, train_step
 from kernels.packing import unpack_reference
+from kernels.update import unpack_nibbles
 
 TINY = preset("tiny")
 LEARNING_STEPS = 40
@@ -48,7 +49,8 @@ def assert_in_integer_ranges(state: State, update: UpdateConfig) -> None:
         validate_weight(w, f"weight {i}")  # bytes <= 242, zero padding trits, dtypes, shapes, no probe
         t = unpack_reference(w.packed, w.in_features)
         assert bool(((t >= -1) & (t <= 1)).all())
-        assert int(w.t_accum.abs().max()) <= update.flip_threshold
+        counters = unpack_nibbles(w.t_accum, w.in_features) if update.counter_bits == 4 else w.t_accum
+        assert int(counters.abs().max()) <= update.flip_threshold
         assert int(w.e_accum.abs().max()) <= update.exp_threshold
 
 
@@ -124,6 +126,28 @@ def test_every_step_stays_in_integer_ranges(corpus):
         assert_in_integer_ranges(state, cfg.update)
         flips, moves = flips + int(m["flips"]), moves + int(m["exp_moves"])
     assert int(state.step) == 6 and flips > 0 and moves > 0
+
+
+def test_four_bit_counters_train_exactly_like_int8_ones(corpus):
+    """θ <= 7: a run with 4-bit counters is the 8-bit run, step for step (same init, same dithered starts, same
+    batches): the narrower storage changes nothing while counters stay within ±7."""
+    runs = {}
+    for bits in (8, 4):
+        cfg = dataclasses.replace(with_train(TINY, batch_size=4, context=32),
+                                  update=UpdateConfig(3, 2, counter_bits=bits))
+        state, stream, hist = init_model(cfg, gen(0)), data.iterate_batches(corpus, 4, 32, 0), []
+        for _ in range(4):
+            state, m = train_step(state, next(stream), cfg)
+            assert_in_integer_ranges(state, cfg.update)
+            hist.append((int(m["flips"]), int(m["exp_moves"]), float(m["loss"])))
+        runs[bits] = state, hist
+    (s8, h8), (s4, h4) = runs[8], runs[4]
+    assert h8 == h4 and sum(f for f, _, _ in h8) > 0 and sum(m for _, m, _ in h8) > 0
+    for a, b in zip(weights(s8.params), weights(s4.params)):
+        assert b.t_accum.dtype == torch.uint8 and torch.equal(unpack_nibbles(b.t_accum, b.in_features), a.t_accum)
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.exp, b.exp) and torch.equal(a.e_accum, b.e_accum)
+    with pytest.raises(ValueError, match="4-bit .*asks for 8-bit"):  # the default (8-bit) rule on a 4-bit state
+        train_step(s4, next(data.iterate_batches(corpus, 4, 32, 0)), TINY)
 
 
 def test_train_step_rejects_a_config_of_another_model(batch):

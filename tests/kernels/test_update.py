@@ -1,9 +1,11 @@
-"""Properties of ``arbfn::ternary_update`` and ``arbfn::ternary_update_stochastic``: Triton == reference == a
-plain-Python restatement of the rule, output invariants, repeated-call behaviour, the hashed flip rate,
-argument validation, and torch.compile."""
+"""Properties of ``arbfn::ternary_update``, ``arbfn::ternary_update_nibble`` and ``arbfn::ternary_update_stochastic``:
+Triton == reference == a plain-Python restatement of the rule, output invariants, repeated-call behaviour, the
+4-bit counters' layout and their equality with the 8-bit rule, the hashed flip rate, argument validation, and
+torch.compile."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -12,9 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels.packing import n_groups, pack_reference, packed_width, unpack_reference, validate_packed
-from kernels.update import (draws, flip_cutoff, step_key, stream_seed, ternary_update, ternary_update_reference,
-                            ternary_update_stochastic, ternary_update_stochastic_reference,
-                            ternary_update_stochastic_triton, ternary_update_triton)
+from kernels.update import (draws, flip_cutoff, pack_nibbles, step_key, stream_seed, ternary_update,
+                            ternary_update_nibble, ternary_update_reference, ternary_update_stochastic,
+                            ternary_update_stochastic_reference, ternary_update_stochastic_triton,
+                            ternary_update_triton, unpack_nibbles)
 
 GROUP_SIZES = (4, 6, 8, 16, 32, 64, 96)
 SPECIAL_K = (1, 2, 3, 4, 5, 6, 7, 11, 13, 31, 40, 48, 60, 61, 64, 67, 70)
@@ -270,7 +273,30 @@ def _bad_stochastic_cases():
     return [pytest.param(impls, {**ok, **change}, id=f"stochastic {name}") for name, change in bad.items()]
 
 
-@pytest.mark.parametrize("impls,args", _bad_cases() + _bad_stochastic_cases())
+NIBBLE_IMPLS = (ternary_update_nibble, functools.partial(ternary_update_reference, counter_bits=4),
+                functools.partial(ternary_update_triton, counter_bits=4))
+
+
+def _nibble_args() -> dict:
+    """Valid keyword arguments of the nibble op: k = 13, so 7 counter bytes per row."""
+    (p, e, ta, ea, gr), k, gs, _, the = _small()
+    return dict(packed=p, exp=e, t_accum=pack_nibbles(ta.clamp(-7, 7)), e_accum=ea, grad=gr, k=k, group_size=gs,
+                flip_threshold=7, exp_threshold=the)
+
+
+def _bad_nibble_cases():
+    ok = _nibble_args()
+    nib, ta = ok["t_accum"], unpack_nibbles(ok["t_accum"], ok["k"])
+    bad = {
+        "flip_threshold=8": dict(flip_threshold=8), "flip_threshold=0": dict(flip_threshold=0),
+        "int8 counters": dict(t_accum=ta), "int8 half width": dict(t_accum=nib.to(torch.int8)),
+        "uint8 full width": dict(t_accum=ta.to(torch.uint8)), "one byte short": dict(t_accum=nib[:, :6]),
+        "rows": dict(t_accum=nib[:2]), "exp_threshold=128": dict(exp_threshold=128), "k too big": dict(k=14),
+    }
+    return [pytest.param(NIBBLE_IMPLS, {**ok, **change}, id=f"nibble {name}") for name, change in bad.items()]
+
+
+@pytest.mark.parametrize("impls,args", _bad_cases() + _bad_stochastic_cases() + _bad_nibble_cases())
 def test_bad_arguments_raise_value_error(kernel_device, impls, args):
     """Every implementation of the op (``impls[0]`` is the op itself) and its fake raise ValueError."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -283,13 +309,23 @@ def test_bad_arguments_raise_value_error(kernel_device, impls, args):
         impls[0](**{n: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for n, v in args.items()})
 
 
-def test_good_arguments_pass_the_fake():
+@pytest.mark.parametrize("bits", (0, 5, 16))
+def test_counter_bits_other_than_8_or_4_raise(kernel_device, bits):
+    args = {n: v.to(kernel_device) if isinstance(v, torch.Tensor) else v for n, v in _nibble_args().items()}
+    for impl in (ternary_update_reference, ternary_update_triton):
+        with pytest.raises(ValueError, match="counter_bits must be one of"):
+            impl(**args, counter_bits=bits)
+
+
+@pytest.mark.parametrize("op,bits", [(ternary_update, 8), (ternary_update_nibble, 4)])
+def test_good_arguments_pass_the_fake(op, bits):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    inputs, *ints = _small()
-    want = ternary_update_reference(*inputs, *ints)
+    (packed, exp, ta, ea, grad), k, gs, _, the = _small()
+    inputs = (packed, exp, ta if bits == 8 else pack_nibbles(ta.clamp(-7, 7)), ea, grad)
+    want = ternary_update_reference(*inputs, k, gs, 5, the, counter_bits=bits)
     with FakeTensorMode() as mode:
-        out = ternary_update(*(mode.from_tensor(x) for x in inputs), *ints)
+        out = op(*(mode.from_tensor(x) for x in inputs), k, gs, 5, the)
         assert [(x.shape, x.dtype, x.stride()) for x in out] == [(x.shape, x.dtype, x.stride()) for x in want]
 
 
@@ -490,3 +526,127 @@ def test_stochastic_compiled_matches_eager():
     assert want[3].item() > 0 and want[4].item() > 0  # the example exercises both rules
     assert_same(torch.compile(two_steps, fullgraph=True)(*inputs), want, STOCHASTIC_OUTPUTS)
     torch.library.opcheck(torch.ops.arbfn.ternary_update_stochastic.default, (*inputs, k, gs, th, the, seed))
+
+
+# ---------------------------------------------------------------- 7. 4-bit counters, two per byte
+
+
+def nibbles_by_hand(counters: torch.Tensor) -> torch.Tensor:
+    """int8 counters [N, k] in -8..7 as the documented layout, restated in plain Python (independent of kernels.*):
+    byte j of a row = (c[2j] mod 16) + 16 * (c[2j+1] mod 16), a missing c[2j+1] (odd k) counting 0."""
+    n, k = counters.shape
+    rows = [r + [0] * (k % 2) for r in counters.tolist()]
+    return torch.tensor([[r[2 * j] % 16 + 16 * (r[2 * j + 1] % 16) for j in range(len(r) // 2)] for r in rows],
+                        dtype=torch.uint8).reshape(n, -(-k // 2))
+
+
+def with_padding(nib: torch.Tensor, k: int, pad: int) -> torch.Tensor:
+    """``nib`` with the padding nibble of every row (odd k only) set to ``pad``: garbage the ops must ignore."""
+    if k % 2 == 0 or nib.shape[0] == 0:
+        return nib
+    out = nib.clone()
+    out[:, -1] = (out[:, -1].to(torch.int32) & 15 | pad << 4).to(torch.uint8)
+    return out
+
+
+@st.composite
+def nibble_cases(draw, max_n: int = 9, max_k: int = 70):
+    """(inputs with int8 counters in -8..7, k, group_size, flip_threshold 1..7, exp_threshold, padding nibble)."""
+    (packed, exp, _, e_accum, grad), k, gs, _, the = draw(cases(max_n, max_k))
+    th = draw(st.integers(1, 7))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n = packed.shape[0]
+    if draw(st.booleans()):
+        counters = torch.randint(-8, 8, (n, k), generator=gen)
+    else:  # the extremes: both nibble limits and both sides of the threshold
+        edges = torch.tensor((-8, -7, -th, 1 - th, 0, th - 1, th, 7))
+        counters = edges[torch.randint(0, len(edges), (n, k), generator=gen)]
+    return (packed, exp, counters.to(torch.int8), e_accum, grad), k, gs, th, the, draw(st.integers(0, 15))
+
+
+def test_nibble_layout_is_the_documented_one():
+    """Every value -8..7 at an even and an odd column of an odd-width row; the byte values spelled out."""
+    values = torch.arange(-8, 8, dtype=torch.int8)
+    counters = torch.stack([values, values.flip(0), torch.zeros(16, dtype=torch.int8)], dim=1)  # k = 3
+    packed = pack_nibbles(counters)
+    assert packed.dtype == torch.uint8 and packed.shape == (16, 2)
+    assert torch.equal(packed, nibbles_by_hand(counters))
+    assert torch.equal(unpack_nibbles(packed, 3), counters)
+    assert pack_nibbles(torch.tensor([[-1, 2, -8]])).tolist() == [[0x2F, 0x08]]  # low nibble = even column
+    assert unpack_nibbles(torch.tensor([[0x2F, 0xF8]], dtype=torch.uint8), 3).tolist() == [[-1, 2, -8]]  # pad ignored
+    assert pack_nibbles(torch.zeros((0, 5), dtype=torch.int8)).shape == (0, 3)
+    for bad in (torch.tensor([[8]]), torch.tensor([[-9, 0]])):
+        with pytest.raises(ValueError, match="-8..7"):
+            pack_nibbles(bad)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_nibbles(packed, 5)
+
+
+@given(nibble_cases())
+def test_nibble_triton_matches_reference(kernel_device, case):
+    """Exact equality, with garbage in the padding nibble of odd-width rows; inputs untouched."""
+    (packed, exp, counters, e_accum, grad), k, gs, th, the, pad = case
+    inputs = (packed, exp, with_padding(nibbles_by_hand(counters), k, pad), e_accum, grad)
+    want = ternary_update_reference(*inputs, k, gs, th, the, counter_bits=4)
+    dev_inputs = [x.to(kernel_device) for x in inputs]
+    assert_same(ternary_update_triton(*dev_inputs, k, gs, th, the, counter_bits=4), want)
+    assert_same(ternary_update_nibble(*dev_inputs, k, gs, th, the), want)
+    for before, after in zip(inputs, dev_inputs):
+        assert torch.equal(before, after.cpu()) or (before.is_floating_point() and
+                                                     torch.equal(before.isnan(), after.cpu().isnan()))
+
+
+@given(nibble_cases())
+def test_nibble_rule_is_the_int8_rule(kernel_device, case):
+    """Counters within -8..7 and θ <= 7: the 4-bit op (reference, Triton, the op) gives exactly the 8-bit op's trits,
+    exponents, counts and counters, the counters laid out by hand (padding nibble 0 whatever came in)."""
+    (packed, exp, counters, e_accum, grad), k, gs, th, the, pad = case
+    p, e, ta, ea, flips, moves = ternary_update_reference(packed, exp, counters, e_accum, grad, k, gs, th, the)
+    want = (p, e, nibbles_by_hand(ta), ea, flips, moves)
+    nib = with_padding(nibbles_by_hand(counters), k, pad)
+    assert_same(ternary_update_reference(packed, exp, nib, e_accum, grad, k, gs, th, the, counter_bits=4), want)
+    dev = [x.to(kernel_device) for x in (packed, exp, nib, e_accum, grad)]
+    assert_same(ternary_update_triton(*dev, k, gs, th, the, counter_bits=4), want)
+    assert_same(ternary_update_nibble(*dev, k, gs, th, the), want)
+
+
+@pytest.mark.parametrize("trit,start,vote,want_trit,want_counter,want_flips", [
+    (1, 7, 1, 1, 7, 0),  # held at +7 by 20 more up-votes: never wraps to -8
+    (-1, -7, -1, -1, -7, 0),  # held at -7
+    (-1, -8, -1, -1, -7, 0),  # -8 (representable, never produced) clamps to -θ at once
+    (1, -8, -1, -1, -7, 2),  # -8 - 1 clamps to -7 = -θ: moves at step 1, again at step 8, then holds at -7
+    (0, 6, 1, 1, 7, 1),  # moves at step 1, then counts up to +7 and holds
+])
+def test_nibble_counters_saturate_at_the_limits(kernel_device, trit, start, vote, want_trit, want_counter, want_flips):
+    """θ = 7 (the most a nibble holds), odd k: 20 steps of one vote on every weight."""
+    n, k, gs, th = 3, 9, 4, 7
+    packed = pack_reference(torch.full((n, k), trit, dtype=torch.int8)).to(kernel_device)
+    exp = torch.zeros((n, n_groups(k, gs)), dtype=torch.int8, device=kernel_device)
+    nib = pack_nibbles(torch.full((n, k), start, dtype=torch.int8)).to(kernel_device)
+    grad = torch.full((n, k), -float(vote), device=kernel_device)
+    for impl in NIBBLE_IMPLS:
+        state, flips = [packed, exp, nib, exp.clone()], 0
+        for _ in range(20):
+            *state, f, _ = impl(*state, grad, k, gs, th, 127)
+            flips += f.item()
+        assert torch.all(unpack_reference(state[0].cpu(), k) == want_trit)
+        assert torch.equal(state[2].cpu(), nibbles_by_hand(torch.full((n, k), want_counter, dtype=torch.int8)))
+        assert flips == want_flips * n * k
+
+
+@pytest.mark.slow
+def test_nibble_compiled_matches_eager():
+    k, gs, th, the = 37, 6, 2, 1
+    packed, exp, ta, e_accum, grad = make_case(5, k, gs, th, the, "edge", "edge", "mixed", seed=3)
+    inputs = (packed, exp, pack_nibbles(ta), e_accum, grad)
+
+    def two_steps(packed, exp, t_accum, e_accum, grad):
+        *state, f1, m1 = torch.ops.arbfn.ternary_update_nibble(packed, exp, t_accum, e_accum, grad, k, gs, th, the)
+        *state, f2, m2 = torch.ops.arbfn.ternary_update_nibble(*state, -grad, k, gs, th, the)
+        return (*state, f1 + f2, m1 + m2)
+
+    torch._dynamo.reset()
+    want = two_steps(*inputs)
+    assert want[4].item() > 0 and want[5].item() > 0  # the example exercises both rules
+    assert_same(torch.compile(two_steps, fullgraph=True)(*inputs), want)
+    torch.library.opcheck(torch.ops.arbfn.ternary_update_nibble.default, (*inputs, k, gs, th, the))
