@@ -12,8 +12,13 @@ import torch
 
 
 def _device(name: str) -> torch.device:
+    """``--device`` as a torch device: auto (the GPU if there is one), cpu, cuda or cuda:N; ValueError otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device")
     return torch.device(name)
 
 
@@ -29,9 +34,9 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
 
 def _with_update_flags(cfg, args: argparse.Namespace, resuming: bool):
     """``cfg`` with the update knobs given on the command line (--flip-mode where the subcommand has it,
-    --counter-bits, --flip-threshold). A resumed checkpoint keeps its flip mode and counter width: its state
+    --counter-bits, --flip-threshold, --exp-threshold). A resumed checkpoint keeps its flip mode and counter width: its state
     layout belongs to them."""
-    knobs = ("flip_mode", "counter_bits", "flip_threshold")
+    knobs = ("flip_mode", "counter_bits", "flip_threshold", "exp_threshold")
     given = {k: v for k, v in vars(args).items() if k in knobs and v is not None}
     for name in ("flip_mode", "counter_bits"):
         if resuming and name in given and given[name] != getattr(cfg.update, name):
@@ -175,18 +180,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = _with_update_flags(preset(args.preset), args, resuming=False)
     on_eval = None if args.json else lambda s, t, f: print(f"step {s}: ternary {t:.4f}  float {f:.4f} bits/byte",
                                                             file=sys.stderr)
-    result = compare(cfg, data.load_corpus(args.corpus), args.steps, args.eval_every, args.lr, on_eval=on_eval)
+    result = compare(cfg, data.load_corpus(args.corpus), args.steps, args.eval_every, args.lr, on_eval=on_eval,
+                     device=_device(args.device))
     png, js = write_outputs(result, Path(args.out or f"runs/compare-{cfg.name}"))
     print(json.dumps(result, indent=2) if args.json else f"{format_table(result)}\nwrote {png}, {js}")
     return 0
 
 
 def _add_counter_flags(p: argparse.ArgumentParser) -> None:
-    """--counter-bits and --flip-threshold (UpdateConfig.counter_bits, flip_threshold) on a subcommand."""
+    """--counter-bits, --flip-threshold and --exp-threshold (UpdateConfig's knobs) on a subcommand."""
     p.add_argument("--counter-bits", type=int, choices=(8, 4),
                    help="flip-counter width: int8 (default, 1 B/weight) or 4-bit nibbles, two per byte (0.5 B/weight; "
                         "needs --flip-threshold <= 7)")
     p.add_argument("--flip-threshold", type=int, help="net votes per trit move (default: the preset's, 16)")
+    p.add_argument("--exp-threshold", type=int,
+                   help="net votes per group exponent move (default: the preset's, 32; 1..127)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output folder (default runs/compare-<preset>)")
     c.add_argument("--corpus", help="a text file instead of the embedded default")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.add_argument("--device", default="cpu", help="cpu (default), cuda or auto: where both sides train")
     _add_counter_flags(c)
     c.set_defaults(fn=cmd_compare)
     return p

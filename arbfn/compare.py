@@ -21,7 +21,7 @@ from arbfn import data as data_mod
 from arbfn.audit import audit
 from arbfn.config import Config
 from arbfn.model import State, init_model
-from arbfn.ternary import weights
+from arbfn.ternary import to_device, weights
 from arbfn.train import evaluate, train_step
 from arbfn.twin import FloatTwin, evaluate_twin, make_optimizer, twin_step
 
@@ -44,9 +44,10 @@ def byte_path_weights(state: State) -> int:
 
 def compare(cfg: Config, corpus: bytes, steps: int | None = None, eval_every: int = 20, lr: float = 3e-3,
             on_batch: BatchHook | None = None,
-            on_eval: Callable[[int, float, float], None] | None = None) -> dict[str, Any]:
+            on_eval: Callable[[int, float, float], None] | None = None,
+            device: torch.device | str = "cpu") -> dict[str, Any]:
     """Train the byte path of ``cfg`` ternary and float for ``steps`` (default ``cfg.train.steps``) on one
-    batch stream; held-out bits/byte of both every ``eval_every`` steps, at step 0 and at the end.
+    batch stream on ``device``; held-out bits/byte of both every ``eval_every`` steps, at step 0 and at the end.
 
     ``on_batch(side, step, batch)`` sees each batch as a side trains on it ("ternary" / "float");
     ``on_eval(step, bpb_ternary, bpb_float)`` sees each evaluation.
@@ -60,9 +61,11 @@ def compare(cfg: Config, corpus: bytes, steps: int | None = None, eval_every: in
     tc = cfg.train
     train_data, held_out = data_mod.split_corpus(corpus, tc.held_out_fraction)
     stream = data_mod.iterate_batches(train_data, tc.batch_size, tc.context, tc.seed)
-    eval_set = data_mod.eval_batches(held_out, tc.batch_size, tc.context)[: tc.eval_batches]
+    device = torch.device(device)
+    eval_set = [b.to(device) for b in data_mod.eval_batches(held_out, tc.batch_size, tc.context)[: tc.eval_batches]]
     state = init_model(cfg, torch.Generator().manual_seed(tc.seed))  # flip counters laid out (and dithered) by cfg
-    twin = FloatTwin(cfg.model, torch.Generator().manual_seed(tc.seed))
+    state = State(to_device(state.params, device), state.step.to(device), state.config)
+    twin = FloatTwin(cfg.model, torch.Generator().manual_seed(tc.seed)).to(device)
     opt = make_optimizer(twin, lr)
     curve: dict[str, list[float]] = {"step": [], "ternary": [], "float": []}
     seconds = {"ternary": 0.0, "float": 0.0}
@@ -76,7 +79,7 @@ def compare(cfg: Config, corpus: bytes, steps: int | None = None, eval_every: in
 
     record(0)
     for i in range(1, steps + 1):
-        batch = next(stream)
+        batch = next(stream).to(device)
         for side in ("ternary", "float"):
             if on_batch is not None:
                 on_batch(side, i, batch)
@@ -85,13 +88,15 @@ def compare(cfg: Config, corpus: bytes, steps: int | None = None, eval_every: in
                 state, _ = train_step(state, batch, cfg)
             else:
                 twin_step(twin, opt, batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             seconds[side] += time.perf_counter() - t0
         if i % eval_every == 0 or i == steps:
             record(i)
     bt, bf = curve["ternary"][-1], curve["float"][-1]
     return {
         "preset": cfg.name, "architecture": ARCHITECTURE, "model": dataclasses.asdict(cfg.model),
-        "steps": steps, "eval_every": eval_every, "batch_size": tc.batch_size, "context": tc.context,
+        "device": str(device), "steps": steps, "eval_every": eval_every, "batch_size": tc.batch_size, "context": tc.context,
         "eval_batches": len(eval_set), "update": dataclasses.asdict(cfg.update),
         "float_optimizer": f"AdamW lr {lr:g}, fp32, no weight decay",
         "bpb_ternary": bt, "bpb_float": bf, "ratio": bt / bf,

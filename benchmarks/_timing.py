@@ -3,6 +3,7 @@ GPU, a host clock on CPU), the device's measured copy bandwidth, and a plain-tex
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from typing import Callable, Sequence
@@ -24,6 +25,24 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graph_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median time of ``fn()`` in ms replayed from a captured CUDA graph (launch gaps out of the figure, as a
+    compiled model with CUDA graphs runs it); the host-clock median on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        fn()  # compile and tune outside the capture
+        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    return median_ms(fn, device)
+
+
+def rotating(fn: Callable[..., object], inputs: Sequence[tuple]) -> Callable[[], object]:
+    """``fn`` over a cycle of input tuples: several weight copies whose total exceeds the L2 cache, so a
+    repeated call reads device memory as a real model's pass over its layers does, not the cache."""
+    it = itertools.cycle(inputs)
+    return lambda: fn(*next(it))
 
 
 def sync_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, reps: int = 10) -> float:

@@ -16,7 +16,9 @@ from typing import Callable
 import torch
 
 import kernels  # noqa: F401  (registers the ops)
-from benchmarks._timing import copy_bandwidth_gbs, describe, format_table, median_ms
+import kernels.linear as ops_linear
+from benchmarks._timing import copy_bandwidth_gbs, describe, format_table, graph_ms, median_ms, rotating
+from kernels._triton import cdiv
 from kernels.packing import decode_reference, n_groups, pack, packed_width
 
 GROUP_SIZE = 32
@@ -29,21 +31,47 @@ def random_weight(n: int, k: int, device: torch.device, gen: torch.Generator) ->
     return pack(trits), exp
 
 
+L2_BYTES = 50 * 2**20  # H100/H200 L2; weight copies rotate past twice this
+
+
+def copies_past_l2(nbytes: int) -> int:
+    """How many copies of an ``nbytes`` weight make a rotation that cannot live in L2 (at most 8)."""
+    return max(1, min(8, -(-2 * L2_BYTES // nbytes)))
+
+
+def tuned(kernel) -> str:
+    """The config the autotuner picked at its last launch ("-" where none ran: CPU, or ARBFN_AUTOTUNE=0)."""
+    best = getattr(kernel, "best_config", None)
+    return "-" if best is None else " ".join(f"{k}={v}" for k, v in best.all_kwargs().items())
+
+
 def linear_rows(device: torch.device, shapes: list[tuple[int, int]], ms: list[int], copy_gbs: float) -> list[list]:
-    """One row per (shape, M): ternary vs bf16 cuBLAS vs naive unpack-then-matmul."""
+    """One row per (shape, M): ternary (the op's dispatch) vs bf16 cuBLAS vs naive unpack-then-matmul, and both
+    ternary paths apart (the packed-byte GEMV up to M = 16, the Triton decode + one matmul), each replayed from a
+    CUDA graph with its weights rotated past L2; the tuned config of the path the op took."""
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n, k in shapes:
-        packed, exp = random_weight(n, k, device, gen)
-        w_bf16 = decode_reference(packed, exp, k, GROUP_SIZE).to(torch.bfloat16)
+        weights = [random_weight(n, k, device, gen) for _ in range(copies_past_l2(n * packed_width(k)))]
+        dense = [(decode_reference(p, e, k, GROUP_SIZE).to(torch.bfloat16),)
+                 for p, e in weights[:copies_past_l2(2 * n * k)]]
         for m in ms:
             x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
-            ternary = median_ms(lambda: torch.ops.arbfn.linear_fwd(x, packed, exp, k, GROUP_SIZE), device)
-            dense = median_ms(lambda: x @ w_bf16.T, device)
-            naive = median_ms(lambda: x @ decode_reference(packed, exp, k, GROUP_SIZE, torch.bfloat16).T, device)
-            moved = packed.numel() + exp.numel() + 2 * (x.numel() + m * n)
-            rows.append([f"{n}x{k}", m, ternary, dense, naive, dense / ternary,
-                         moved / ternary / 1e6, moved / ternary / 1e6 / copy_gbs, 2 * m * n * k / ternary / 1e9])
+            on_gpu = device.type == "cuda"
+            gemv = (graph_ms(rotating(lambda p, e: ops_linear._gemv(x, p, e, k, GROUP_SIZE), weights), device)
+                    if on_gpu and m <= 16 else float("nan"))
+            via_decode = (graph_ms(rotating(lambda p, e: x @ ops_linear.decode_triton(p, e, k, GROUP_SIZE, x.dtype).T,
+                                            weights), device) if on_gpu else float("nan"))
+            ternary = graph_ms(rotating(lambda p, e: torch.ops.arbfn.linear_fwd(x, p, e, k, GROUP_SIZE), weights), device)
+            bf16 = graph_ms(rotating(lambda w: x @ w.T, dense), device)
+            # the naive path builds index tensors on the host each call, which a CUDA graph cannot capture
+            naive = median_ms(rotating(lambda p, e: x @ decode_reference(p, e, k, GROUP_SIZE, torch.bfloat16).T,
+                                       weights), device)
+            moved = n * packed_width(k) + n * n_groups(k, GROUP_SIZE) + 2 * (x.numel() + m * n)
+            path = ops_linear._linear_gemv_kernel if m <= ops_linear.GEMV_MAX_M else ops_linear._decode_kernel
+            rows.append([f"{n}x{k}", m, ternary, gemv, via_decode, bf16, naive, bf16 / ternary,
+                         moved / ternary / 1e6, moved / ternary / 1e6 / copy_gbs, 2 * m * n * k / ternary / 1e9,
+                         tuned(path)])
     return rows
 
 
@@ -57,6 +85,11 @@ def bandwidth_rows(device: torch.device, copy_gbs: float, scale: int) -> list[li
         ms = median_ms(fn, device)
         rows.append([name, ms, nbytes / 1e6, nbytes / ms / 1e6, nbytes / ms / 1e6 / copy_gbs])
 
+    dn, dk = 4096 * scale, 4096
+    dp, de = random_weight(dn, dk, device, gen)
+    decode = ops_linear.decode_triton if device.type == "cuda" else decode_reference
+    add(f"decode {dn}x{dk} -> bf16", lambda: decode(dp, de, dk, GROUP_SIZE, torch.bfloat16),
+        dp.numel() + de.numel() + 2 * dn * dk)
     v, d, t = 8192 * scale, 1024, 4096 * scale
     packed, exp = random_weight(v, d, device, gen)
     ids = torch.randint(0, v, (t,), generator=gen).to(device)
@@ -72,6 +105,14 @@ def bandwidth_rows(device: torch.device, copy_gbs: float, scale: int) -> list[li
     grad = torch.randn(n, k, generator=gen).to(device)
     upd_bytes = 2 * (up.numel() + t_acc.numel() + 2 * ue.numel()) + grad.numel() * 4
     add(f"ternary_update {n}x{k}", lambda: ops.ternary_update(up, ue, t_acc, e_acc, grad, k, GROUP_SIZE, 8, 32), upd_bytes)
+    nib = torch.zeros(n, cdiv(k, 2), dtype=torch.uint8, device=device)
+    add(f"ternary_update_nibble {n}x{k}",
+        lambda: ops.ternary_update_nibble(up, ue, nib, e_acc, grad, k, GROUP_SIZE, 7, 32),
+        2 * (up.numel() + nib.numel() + 2 * ue.numel()) + grad.numel() * 4)
+    step = torch.tensor(3, device=device)
+    add(f"ternary_update_stochastic {n}x{k}",
+        lambda: ops.ternary_update_stochastic(up, ue, e_acc, grad, step, k, GROUP_SIZE, 16, 32, 0),
+        2 * (up.numel() + 2 * ue.numel()) + grad.numel() * 4)
     e_, n_, d_ = 8, 2048 * scale, 512
     expert_out = torch.randn(e_, n_, d_, generator=gen).to(device)
     weights = torch.rand(n_, e_, generator=gen).to(device)
@@ -96,11 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     quick = args.quick or device.type == "cpu"
     shapes = [(256, 256)] if quick else [(4096, 4096), (8192, 8192), (14336, 4096)]
-    ms = [1, 16] if quick else [1, 16, 256, 4096]
+    ms = [1, 16] if quick else [1, 2, 4, 16, 256, 4096]
     copy_gbs = copy_bandwidth_gbs(device, 1 << 24 if quick else 1 << 30)
     print(f"device: {describe(device)}; measured copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    print(format_table(["W (NxK)", "M", "ternary ms", "bf16 ms", "naive ms", "bf16/ternary", "GB/s", "of copy",
-                        "TFLOP/s"], linear_rows(device, shapes, ms, copy_gbs)))
+    print(format_table(["W (NxK)", "M", "ternary ms", "GEMV ms", "decode+mm ms", "bf16 ms", "naive ms", "bf16/ternary",
+                        "GB/s", "of copy", "TFLOP/s", "tuned"], linear_rows(device, shapes, ms, copy_gbs)))
     print()
     print(format_table(["op", "ms", "MB moved", "GB/s", "of copy"], bandwidth_rows(device, copy_gbs, 1 if quick else 8)))
 

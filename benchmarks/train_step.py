@@ -4,6 +4,7 @@ byte path (same architecture, nn.Linear + AdamW under bf16 autocast), with peak 
 persistent state bytes per logical weight.
 
     python -m benchmarks.train_step [--device cuda] [--preset small] [--batch 16] [--context 256]
+                                    [--matmul-precision highest|high] [--layouts stochastic,nibble]
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
     return ms, peak
 
 
-def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.device) -> list[list]:
-    """Eager and compiled ternary step rows for ``cfg``; the state advances across the timed steps."""
+def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.device,
+                 kinds: tuple[str, ...] = ("eager", "compiled")) -> list[list]:
+    """Ternary step rows for ``cfg`` (eager and/or compiled); the state advances across the timed steps."""
     box = {"state": ternary_state(cfg, device)}
     report = audit(box["state"])
     compiled = CompiledTrainStep(cfg)
     rows = []
-    for kind, step in (("eager", lambda s, b: train_step(s, b, cfg)), ("compiled", compiled)):
+    steps = {"eager": lambda s, b: train_step(s, b, cfg), "compiled": compiled}
+    for kind, step in ((k, steps[k]) for k in kinds):
         def run() -> None:
             box["state"], _ = step(box["state"], ids)
         ms, peak = measure(run, device)
@@ -76,6 +79,16 @@ def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> list[list
              f"{state_bytes / n:.3f}"]]
 
 
+LAYOUTS = {"stochastic": dict(flip_mode="stochastic"), "nibble": dict(counter_bits=4, flip_threshold=7)}
+
+
+def with_layout(cfg: Config, layout: str) -> Config:
+    """``cfg`` with the update rule's state layout ``layout`` (a key of ``LAYOUTS``)."""
+    if layout not in LAYOUTS:
+        raise SystemExit(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    return dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, **LAYOUTS[layout]))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -83,7 +96,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--skip-full", action="store_true", help="byte path only")
+    ap.add_argument("--layouts", default="",
+                    help="comma list of extra byte-path update layouts to time compiled: 'stochastic' (no flip "
+                         "counters), 'nibble' (4-bit counters, flip threshold 7)")
+    ap.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
+                    help="torch.set_float32_matmul_precision for the ternary step's fp32 matmuls ('high': TF32, "
+                         "which holds every ternary weight exactly; the twin runs bf16 autocast either way)")
     args = ap.parse_args(argv)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     cfg = preset(args.preset)
     # dense MoE dispatch at this batch: the sparse one has data-dependent shapes, so only the dense one compiles
@@ -94,9 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.randint(0, 256, (args.batch, args.context), generator=torch.Generator().manual_seed(0)).to(device)
     rows = [] if args.skip_full else ternary_rows(cfg, "full model", ids, device)
     rows += ternary_rows(byte_path_config(cfg), "byte path", ids, device)
+    for layout in filter(None, args.layouts.split(",")):
+        rows += ternary_rows(byte_path_config(with_layout(cfg, layout)), f"byte path, {layout}", ids, device,
+                             kinds=("compiled",))
     rows += twin_rows(cfg, ids, device)
     print(f"device: {describe(device)}; preset {args.preset}; batch [{args.batch}, {args.context}]; "
-          f"MoE dense dispatch up to {moe.dense_limit} tokens")
+          f"MoE dense dispatch up to {moe.dense_limit} tokens; fp32 matmul precision {args.matmul_precision}")
     print(format_table(["step", "ms", "tokens/s", "peak MB", "weights", "state B/weight"], rows))
 
 

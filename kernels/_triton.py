@@ -7,6 +7,8 @@ kernel, it calls the pure-torch reference.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,15 +26,84 @@ def inv_pow3(r):
 
 
 @triton.jit
+def div3(q):
+    """``q // 3`` for int32 0 <= q < 256 as a multiply and a shift (171 / 512 errs by < 1/6 there)."""
+    return (q * 171) >> 9
+
+
+@triton.jit
 def trit_of(byte, k):
     """Trit (-1, 0, +1) at logical column ``k`` given the packed byte that holds it (both int32)."""
-    return ((byte * inv_pow3(k % 5)) >> 16) % 3 - 1
+    q = (byte * inv_pow3(k % 5)) >> 16
+    return q - 3 * div3(q) - 1
+
+
+_FLOOR_BIAS = tl.constexpr(1 / 256 - 0.5)  # floor(z) = round(z + bias) for z = b / 3**d (fractions are j / 81)
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds any |v| < 2**22 to an integer (ulp 1)
+
+
+@triton.jit
+def pow3_constants(d: tl.constexpr):
+    """(ceil(2**16 / 3**d), an fp32 value >= 3**-d by under 2**-24 relative) for d = 1..4."""
+    if d == 1:
+        c = (21846, 0.3333333432674408)
+    elif d == 2:
+        c = (7282, 0.1111111119389534)
+    elif d == 3:
+        c = (2428, 0.03703703731298447)
+    else:
+        c = (810, 0.012345679104328156)
+    return c
+
+
+@triton.jit
+def floor_div_pow3(b, bf, d: tl.constexpr, ON_FLOAT: tl.constexpr):
+    """``floor(b / 3**d)`` as an exact float for 0 <= b < 243 and d = 0..4 (``bf`` = float(b)). Integer pipe:
+    the float ``u`` whose mantissa bits 16..22 hold ``(b * ceil(2**16 / 3**d)) >> 16`` is ``1 + f / 128``;
+    float pipe: ``round(b * 3**-d + bias)`` by magic-number rounding. Both are exact for every byte
+    (tests/kernels/test_packing.py checks all 243)."""
+    if d == 0:
+        f = bf
+    elif ON_FLOAT:
+        f = (bf * pow3_constants(d)[1] + _FLOOR_BIAS + _ROUND_MAGIC) - _ROUND_MAGIC
+    else:
+        u = (((b * pow3_constants(d)[0]) & 0x7F0000) | 0x3F800000).to(tl.float32, bitcast=True)
+        f = u * 128.0 - 128.0
+    return f
+
+
+@triton.jit
+def trit_float(byte, r, ON_FLOAT: tl.constexpr):
+    """Trit (-1., 0., +1.) of digit ``r`` (int32, 0..4, per element or broadcast) of ``byte`` (int32 0..242) as an
+    exact fp32, with no int-to-float conversion: on the integer pipe the digit by multiply-shift, turned into
+    a float through the mantissa of 2**23; on the float pipe two exact floors, ``f_r - 3 f_(r+1) - 1``."""
+    if ON_FLOAT:
+        bf = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        c_lo = tl.where(r == 0, 1.0, tl.where(r == 1, 0.3333333432674408, tl.where(r == 2, 0.1111111119389534,
+                        tl.where(r == 3, 0.03703703731298447, 0.012345679104328156))))
+        c_hi = tl.where(r == 0, 0.3333333432674408, tl.where(r == 1, 0.1111111119389534, tl.where(
+            r == 2, 0.03703703731298447, tl.where(r == 3, 0.012345679104328156, 0.004115226212888956))))
+        f_lo = (bf * c_lo + _FLOOR_BIAS + _ROUND_MAGIC) - _ROUND_MAGIC
+        f_hi = (bf * c_hi + _FLOOR_BIAS + _ROUND_MAGIC) - _ROUND_MAGIC
+        t = f_lo - (f_hi * 3.0 + 1.0)
+    else:
+        q = (byte * inv_pow3(r)) >> 16
+        t = ((q - 3 * div3(q)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0
+    return t
+
+
+@triton.jit
+def pow2_exact(e):
+    """``2**e`` as fp32 for int32 e in -128..127, built from the bits of two normal halves: exact (the
+    subnormal 2**-127 and 2**-128 included) and a few integer ops where ``exp2`` costs a special-function
+    unit slot and an int-to-float conversion per element."""
+    lo = e >> 1
+    hi = e - lo
+    return ((lo + 127) << 23).to(tl.float32, bitcast=True) * ((hi + 127) << 23).to(tl.float32, bitcast=True)
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (tests only)."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -49,10 +120,35 @@ def check_launchable(*tensors: torch.Tensor) -> None:
 cdiv = triton.cdiv
 
 
+class _FirstConfig:
+    """Launches a kernel with the first of its tuning configs (interpreter runs: timing them means nothing)."""
+
+    def __init__(self, fn, configs: list[triton.Config]) -> None:
+        self.fn, self.configs, self.config = fn, configs, configs[0]
+
+    def __getitem__(self, grid):
+        meta = dict(self.config.kwargs)
+        return lambda *args, **kwargs: self.fn[grid(meta) if callable(grid) else grid](*args, **kwargs, **meta)
+
+
+def autotuned(configs: list[triton.Config], key: list[str]):
+    """``triton.autotune`` over ``configs`` per distinct ``key`` values, results cached on disk
+    (``cache_results``): a shape is tuned once, at its first launch, never at import. Under the
+    interpreter, or with ``ARBFN_AUTOTUNE=0`` (GPU test runs over hundreds of random shapes), the first
+    config runs untimed. Grids must be callables of the chosen meta-parameters. Either way the result has
+    ``.fn`` (the plain kernel) and ``.configs``, so tests can run every config the tuner may pick."""
+    def wrap(fn):
+        if interpreting() or os.environ.get("ARBFN_AUTOTUNE", "1") == "0":
+            return _FirstConfig(fn, configs)
+        return triton.autotune(configs=configs, key=key, cache_results=True)(fn)
+    return wrap
+
+
 @triton.jit
-def decode_tile(packed_ptr, exp_ptr, rows, cols, row_mask, K, KB, G, GS: tl.constexpr):
-    """fp32 tile ``T[rows, cols] * 2**E[rows, cols // GS]``; zero where masked. ``rows``/``cols`` are 1-D."""
+def decode_tile(packed_ptr, exp_ptr, rows, cols, row_mask, K, KB, G, GS: tl.constexpr, ON_FLOAT: tl.constexpr):
+    """fp32 tile ``T[rows, cols] * 2**E[rows, cols // GS]``; zero where masked. ``rows``/``cols`` are 1-D;
+    ``ON_FLOAT`` picks :func:`trit_float`'s pipe (a tuning choice, the values are the same)."""
     mask = row_mask[:, None] & (cols[None, :] < K)
     byte = tl.load(packed_ptr + rows[:, None] * KB + (cols // 5)[None, :], mask=mask, other=121).to(tl.int32)
-    e = tl.load(exp_ptr + rows[:, None] * G + (cols // GS)[None, :], mask=mask, other=0).to(tl.float32)
-    return trit_of(byte, cols[None, :]).to(tl.float32) * tl.exp2(e)
+    e = tl.load(exp_ptr + rows[:, None] * G + (cols // GS)[None, :], mask=mask, other=0).to(tl.int32)
+    return trit_float(byte, (cols % 5)[None, :], ON_FLOAT) * pow2_exact(e)

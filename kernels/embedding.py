@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import cdiv, check_launchable, decode_tile
+from kernels._triton import autotuned, cdiv, check_launchable, decode_tile
 from kernels._vmap import activation_vmap_rule
 from kernels.packing import n_groups, packed_width, unpack_reference
 
@@ -25,14 +25,16 @@ def embedding_fwd_reference(ids: torch.Tensor, packed: torch.Tensor, exp: torch.
     return (rows_t * scale).reshape(*ids.shape, dim)
 
 
-@triton.jit(do_not_specialize=["R", "D", "KB", "G"])  # sizes vary per call: one compile, not one per size
+@autotuned([triton.Config({"BLOCK_R": br, "BLOCK_D": bd, "ON_FLOAT": on_float}, num_warps=4)
+            for br, bd in ((4, 1024), (8, 512), (16, 128), (32, 64)) for on_float in (False, True)], key=["D", "GS"])
+@triton.jit(do_not_specialize=["R", "KB", "G"])  # only D's divisibility matters (the stores' row stride)
 def _embedding_fwd_kernel(ids_ptr, packed_ptr, exp_ptr, out_ptr, R, D, KB, G, GS: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ON_FLOAT: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = r < R
     rows = tl.load(ids_ptr + r, mask=row_mask, other=0)
-    w = decode_tile(packed_ptr, exp_ptr, rows, cols, row_mask, D, KB, G, GS)
+    w = decode_tile(packed_ptr, exp_ptr, rows, cols, row_mask, D, KB, G, GS, ON_FLOAT)
     tl.store(out_ptr + r[:, None] * D + cols[None, :], w, mask=row_mask[:, None] & (cols[None, :] < D))
 
 
@@ -42,9 +44,9 @@ def embedding_fwd_triton(ids: torch.Tensor, packed: torch.Tensor, exp: torch.Ten
     flat = ids.reshape(-1).contiguous()
     out = torch.empty((flat.numel(), dim), dtype=torch.float32, device=packed.device)
     if out.numel():
-        _embedding_fwd_kernel[(cdiv(flat.numel(), 16), cdiv(dim, 128))](
-            flat, packed.contiguous(), exp.contiguous(), out, flat.numel(), dim, packed_width(dim),
-            n_groups(dim, group_size), GS=group_size, BLOCK_R=16, BLOCK_D=128)
+        grid = lambda meta: (cdiv(flat.numel(), meta["BLOCK_R"]), cdiv(dim, meta["BLOCK_D"]))
+        _embedding_fwd_kernel[grid](flat, packed.contiguous(), exp.contiguous(), out, flat.numel(), dim,
+                                    packed_width(dim), n_groups(dim, group_size), GS=group_size)
     return out.reshape(*ids.shape, dim)
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import cdiv, check_launchable, decode_tile, inv_pow3
+from kernels._triton import autotuned, cdiv, check_launchable, decode_tile, floor_div_pow3, pow2_exact
 from kernels._vmap import activation_vmap_rule
 from kernels.packing import decode_reference, n_groups, packed_width
 
@@ -37,39 +37,101 @@ def linear_bwd_x_reference(g: torch.Tensor, packed: torch.Tensor, exp: torch.Ten
 # ---------------------------------------------------------------- Triton kernels
 
 
-@triton.jit(do_not_specialize=["N", "K", "KB", "G"])  # sizes vary per call: one compile, not one per size
+_DECODE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "ON_FLOAT": on_float}, num_warps=4)
+                   for bn, bk in ((4, 1024), (8, 512), (16, 256), (32, 128)) for on_float in (False, True)]
+
+
+@autotuned(_DECODE_CONFIGS, key=["N", "K", "GS"])
+@triton.jit(do_not_specialize=["N", "KB", "G"])  # only K's divisibility matters (the stores' row stride)
 def _decode_kernel(packed_ptr, exp_ptr, w_ptr, N, K, KB, G, GS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_FLOAT: tl.constexpr):
+    """W[rows, cols] = T * 2**E into a dense tile (wide, short tiles: each row's stores are long and coalesced)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = decode_tile(packed_ptr, exp_ptr, rn, rk, rn < N, K, KB, G, GS)
+    w = decode_tile(packed_ptr, exp_ptr, rn, rk, rn < N, K, KB, G, GS, ON_FLOAT)
     tl.store(w_ptr + rn[:, None] * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rk[None, :] < K))
 
 
-@triton.jit(do_not_specialize=["N", "K", "KB", "G", "SPLIT_B"])
-def _linear_gemv_kernel(x_ptr, packed_ptr, exp_ptr, part_ptr, N, K, KB, G, SPLIT_B, GS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Few-row forward (decode): program (row block, K split, input row) walks its ``SPLIT_B`` packed bytes
-    once, takes their five digits with constant divisors, and writes an fp32 partial sum per output row."""
+# The GEMV's tuning space: rows per program, groups per iteration, warps, and how many of the four high base-3
+# digits take the float pipe (the others take the integer pipe): which balance is fastest depends on the GPU.
+_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg, "FLOAT_DIGITS": fd}, num_warps=w)
+                 for bn, bg, w in ((64, 2, 4), (32, 4, 4), (32, 8, 8), (16, 16, 8), (64, 8, 8), (128, 4, 8))
+                 for fd in (0, 2)]
+@triton.jit
+def _gemv_block_loads(packed_ptr, exp_ptr, rn, row_ok, g, g_end, slot, K, KB, G, GS: tl.constexpr):
+    """The GEMV's loads for groups ``g`` (masked at ``g_end``): bytes [rows, groups, slots] (121 = zero trits
+    where masked) and exponents [rows, groups]."""
+    col_lo = g * GS
+    byte_i = (col_lo // 5)[:, None] + slot[None, :]
+    entry = (g < g_end)[:, None] & (byte_i * 5 < tl.minimum(col_lo + GS, K)[:, None])
+    b = tl.load(packed_ptr + rn[:, None, None] * KB + byte_i[None, :, :], mask=row_ok[:, None, None] & entry[None],
+                other=121)
+    e = tl.load(exp_ptr + rn[:, None] * G + g[None, :], mask=row_ok[:, None] & (g < g_end)[None, :], other=0)
+    return b, e
+
+
+@autotuned(_GEMV_CONFIGS, key=["N", "K", "GS"])
+@triton.jit(do_not_specialize=["N", "K", "KB", "G", "SPLIT_G"])  # byte gathers: no alignment to gain
+def _linear_gemv_kernel(x_ptr, out_ptr, packed_ptr, exp_ptr, N, K, KB, G, SPLIT_G, GS: tl.constexpr,
+                        SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                        FLOAT_DIGITS: tl.constexpr):
+    """Few-row forward: program (row block, K split, input row m) writes ``Σ_k W[n, k] x[m, k]`` over its
+    ``SPLIT_G`` groups into ``out[m, split, n]`` (fp32 partials, or the output itself with one split).
+
+    It walks whole groups: group g's bytes fill ``SLOTS`` slots (a byte that straddles two groups sits in
+    both, its columns masked to the group), so ``2**E`` multiplies once per (row, group), not per element.
+    Each byte's trits come from exact floats ``floor(b / 3**d)`` (see :func:`kernels._triton.floor_div_pow3`), no division,
+    no int-to-float conversion; ``FLOAT_DIGITS`` of the four high digits take the float pipe, the rest the
+    integer pipe, so the tuner can balance the two units."""
     pid_s, m = tl.program_id(1), tl.program_id(2)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
-    for b0 in range(pid_s * SPLIT_B, min(KB, pid_s * SPLIT_B + SPLIT_B), BLOCK_B):
-        rb = b0 + tl.arange(0, BLOCK_B)
-        mask = (rn[:, None] < N) & (rb[None, :] < KB)
-        byte = tl.load(packed_ptr + rn[:, None] * KB + rb[None, :], mask=mask, other=121).to(tl.int32)
-        for d in tl.static_range(5):
-            col = rb * 5 + d
-            x = tl.load(x_ptr + m * K + col, mask=col < K, other=0.0).to(tl.float32)
-            e = tl.load(exp_ptr + rn[:, None] * G + (col // GS)[None, :], mask=mask & (col[None, :] < K), other=0)
-            trit = ((byte * inv_pow3(d)) >> 16) % 3 - 1
-            acc += trit.to(tl.float32) * tl.exp2(e.to(tl.float32)) * x[None, :]
-    n_split = tl.num_programs(1)
-    tl.store(part_ptr + (m * n_split + pid_s) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
+    row_ok = rn < N
+    gi = tl.arange(0, BLOCK_G)
+    slot = tl.arange(0, SLOTS)
+    acc = tl.zeros((BLOCK_N, BLOCK_G, SLOTS), tl.float32)
+    g_start = pid_s * SPLIT_G
+    g_end = min(G, g_start + SPLIT_G)
+    b_next, e_next = _gemv_block_loads(packed_ptr, exp_ptr, rn, row_ok, g_start + gi, g_end, slot, K, KB, G, GS)
+    for g0 in range(g_start, g_end, BLOCK_G):
+        # the next block's bytes and exponents are in flight while this block computes (register double buffer)
+        b, e = b_next, e_next
+        b_next, e_next = _gemv_block_loads(packed_ptr, exp_ptr, rn, row_ok, g0 + BLOCK_G + gi, g_end, slot, K, KB,
+                                           G, GS)
+        g = g0 + gi
+        col_lo = g * GS
+        col_hi = tl.minimum(col_lo + GS, K)
+        byte_i = (col_lo // 5)[:, None] + slot[None, :]  # [BLOCK_G, SLOTS]
+        entry = (g < g_end)[:, None] & (byte_i * 5 < col_hi[:, None])
+        b = b.to(tl.int32)
+        bf = (b | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        val = tl.zeros((BLOCK_N, BLOCK_G, SLOTS), tl.float32)
+        f_above = tl.zeros((BLOCK_N, BLOCK_G, SLOTS), tl.float32)
+        for d in tl.static_range(4, -1, -1):  # high digit first: each trit needs the floor above it
+            col = byte_i * 5 + d
+            x = tl.load(x_ptr + m * K + col, mask=entry & (col >= col_lo[:, None]) & (col < col_hi[:, None]),
+                        other=0.0).to(tl.float32)
+            f = floor_div_pow3(b, bf, d, d > 4 - FLOAT_DIGITS)
+            val += (f - (f_above * 3.0 + 1.0)) * x[None, :, :]  # trit d = floor(b/3**d) - 3 floor(b/3**(d+1)) - 1
+            f_above = f
+        acc += pow2_exact(e.to(tl.int32))[:, :, None] * val
+    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out_ptr + (m * tl.num_programs(1) + pid_s) * N + rn, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-GEMV_MAX_M = 4  # up to this many input rows the GEMV kernel reads only the packed bytes; above, decode + cuBLAS
-GEMV_BLOCK_N, GEMV_BLOCK_B, GEMV_SPLIT_B = 16, 64, 256  # a K split of 256 bytes (1280 columns) per program
+GEMV_MAX_M = 2  # up to this many input rows the GEMV kernel (one pass per row) beats decode + cuBLAS (RESULTS.md)
+GEMV_ROWS_X_SPLITS = 65536  # the K split: enough (row, split) pairs that a few-row GEMV fills the GPU
+GEMV_MIN_SPLIT_COLUMNS = 256  # ... but no split narrower than this (each program's fixed costs)
+
+
+def gemv_slots(group_size: int) -> int:
+    """Slots per group in the GEMV: the most bytes one group's columns touch, to a power of two."""
+    return triton.next_power_of_2((group_size - 1) // 5 + 2)
+
+
+def gemv_splits(n: int, g: int, group_size: int) -> int:
+    """How many K ranges the GEMV splits a row into: enough (row, range) pairs to fill the GPU, each range at
+    least ``GEMV_MIN_SPLIT_COLUMNS`` wide (1: the kernel writes the output directly, one launch)."""
+    return max(1, min(cdiv(g, cdiv(GEMV_MIN_SPLIT_COLUMNS, group_size)), cdiv(GEMV_ROWS_X_SPLITS, n)))
 
 
 def decode_triton(packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -78,19 +140,20 @@ def decode_triton(packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: i
     n = packed.shape[0]
     w = torch.empty((n, k), dtype=dtype, device=packed.device)
     if w.numel():
-        _decode_kernel[(cdiv(n, 32), cdiv(k, 128))](packed.contiguous(), exp.contiguous(), w, n, k, packed_width(k),
-                                                   n_groups(k, group_size), GS=group_size, BLOCK_N=32, BLOCK_K=128)
+        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))
+        _decode_kernel[grid](packed.contiguous(), exp.contiguous(), w, n, k, packed_width(k),
+                             n_groups(k, group_size), GS=group_size)
     return w
 
 
 def _gemv(x2: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    m, n, kb = x2.shape[0], packed.shape[0], packed_width(k)
-    split = cdiv(kb, GEMV_SPLIT_B)
-    part = torch.empty((m, split, n), dtype=torch.float32, device=x2.device)
-    _linear_gemv_kernel[(cdiv(n, GEMV_BLOCK_N), split, m)](
-        x2, packed.contiguous(), exp.contiguous(), part, n, k, kb, n_groups(k, group_size), GEMV_SPLIT_B,
-        GS=group_size, BLOCK_N=GEMV_BLOCK_N, BLOCK_B=GEMV_BLOCK_B)
-    return part.sum(1).to(x2.dtype)
+    m, n, g = x2.shape[0], packed.shape[0], n_groups(k, group_size)
+    split = gemv_splits(n, g, group_size)
+    out = torch.empty((m, split, n), dtype=torch.float32 if split > 1 else x2.dtype, device=x2.device)
+    grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), split, m)
+    _linear_gemv_kernel[grid](x2, out, packed.contiguous(), exp.contiguous(), n, k, packed_width(k), g,
+                              cdiv(g, split), GS=group_size, SLOTS=gemv_slots(group_size))
+    return out.sum(1).to(x2.dtype) if split > 1 else out.reshape(m, n)
 
 
 def linear_fwd_triton(x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int) -> torch.Tensor:

@@ -165,6 +165,15 @@ def test_cli_compare_json(capsys, tmp_path):
     assert (tmp_path / "o" / "compare.png").read_bytes()[:8] == PNG_MAGIC
     assert json.loads((tmp_path / "o" / "compare.json").read_text())["ratio"] == result["ratio"]
     assert result["update"]["counter_bits"] == 8 and result["update"]["flip_threshold"] == 16
+    assert result["device"] == "cpu"
+
+
+@pytest.mark.parametrize("device,message", [("tpu", "unknown device 'tpu'"), ("cuda:x", "unknown device"),
+                                            *([] if torch.cuda.is_available() else [("cuda", "no CUDA device")])])
+def test_cli_compare_bad_device_is_one_line(capsys, device, message):
+    assert main(["compare", "--preset", "tiny", "--steps", "1", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_cli_compare_four_bit_counters(capsys, tmp_path):
@@ -176,5 +185,9 @@ def test_cli_compare_four_bit_counters(capsys, tmp_path):
     assert result["update"]["counter_bits"] == 4 and result["update"]["flip_threshold"] == 5
     assert result["bytes_per_weight"] < 0.8 and math.isfinite(result["bpb_ternary"])
     assert "counter flips (4-bit counters), flip threshold 5" in format_table(result)
+    assert main([*args, "--exp-threshold", "96", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["update"]["exp_threshold"] == 96
+    assert main([*args, "--exp-threshold", "128"]) == 2
+    assert "exp_threshold must be in 1..127" in capsys.readouterr().err
     assert main([*args, "--counter-bits", "4"]) == 2
     assert "flip_threshold must be at most 7" in capsys.readouterr().err

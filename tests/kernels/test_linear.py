@@ -15,7 +15,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+
+import kernels.linear as linear
 from kernels.linear import (
+    GEMV_MAX_M,
+    decode_triton,
     linear_bwd_x_reference,
     linear_bwd_x_triton,
     linear_fwd_reference,
@@ -153,17 +157,34 @@ def test_forward_triton_matches_reference(kernel_device, case, noncontig):
     assert_rel(y, ref, REL_TRITON, "Triton forward vs reference", mag=fwd64(case)[1])
 
 
-@pytest.mark.parametrize("m,n,k,gs", [(1, 5, 1281, 32), (2, 3, 2561, 7), (4, 17, 3847, 96)])
-def test_gemv_split_k_matches_reference(kernel_device, m, n, k, gs):
-    """K beyond one GEMV split (256 bytes = 1280 columns): partial sums over 2-4 splits, a short last one."""
+@pytest.mark.parametrize("m,n,k,gs,rows_x_splits,splits", [
+    (1, 5, 1283, 32, 10, 2), (GEMV_MAX_M, 3, 1031, 6, 1, 1), (1, 17, 3847, 96, 17 * 4, 4),
+    (GEMV_MAX_M, 9, 640, 64, 9 * 3, 3), (1, 2, 4099, 4, 10**6, 17)])
+def test_gemv_splits_match_reference(kernel_device, monkeypatch, m, n, k, gs, rows_x_splits, splits):
+    """The GEMV over 1 split (it writes the output in x's dtype directly), 2-4 splits (fp32 partials summed)
+    and the narrowest splits allowed, with ragged last groups and a last byte holding fewer than five columns."""
+    monkeypatch.setattr(linear, "GEMV_ROWS_X_SPLITS", rows_x_splits)
+    assert linear.gemv_splits(n, n_groups(k, gs), gs) == splits
     g = torch.Generator().manual_seed(k)
     p = pack_reference(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
     e = torch.randint(-6, 3, (n, n_groups(k, gs)), generator=g, dtype=torch.int8)
     x = torch.randn((m, k), generator=g)
     y = linear_fwd_triton(x.to(kernel_device), p.to(kernel_device), e.to(kernel_device), k, gs)
     w = oracle_w64(p, e, k, gs)
-    assert_rel(y, linear_fwd_reference(x, p, e, k, gs), REL_TRITON, "split-K GEMV vs reference",
+    assert_rel(y, x.double() @ w.T, REL_TRITON, f"GEMV, {splits} splits",
                mag=x.double().abs() @ w.abs().T)
+
+
+@pytest.mark.parametrize("n,k,gs", [(7, 133, 32), (33, 301, 4), (3, 1030, 96)])
+def test_decode_exact_over_the_whole_exponent_range(kernel_device, n, k, gs):
+    """The Triton decode builds 2**E from bits: exact for every int8 exponent, the subnormal 2**-127 and
+    2**-128 and the largest 2**127 included (fp32 output, compared bit for bit with the float64 oracle)."""
+    g = torch.Generator().manual_seed(n * k)
+    p = pack_reference(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
+    e = torch.randint(-128, 128, (n, n_groups(k, gs)), generator=g, dtype=torch.int8)
+    e[0, 0], e[-1, -1] = -128, 127
+    w = decode_triton(p.to(kernel_device), e.to(kernel_device), k, gs, torch.float32).cpu()
+    assert torch.equal(w.double(), oracle_w64(p, e, k, gs))
 
 
 @given(case=linear_cases())

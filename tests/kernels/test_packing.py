@@ -16,6 +16,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import triton
+import triton.language as tl
+from kernels._triton import floor_div_pow3, trit_float
+
 from kernels.packing import (
     MAX_GROUP_SIZE,
     MIN_GROUP_SIZE,
@@ -320,3 +324,27 @@ def test_decode_reference_equals_float64_formula(n, k, gs, seed, fill, e_range, 
     assert w.dtype == dtype and w.shape == (n, k)
     # +-2**E is exact in fp32 for every int8 E (2**-128 is subnormal but representable): exact equality.
     assert np.array_equal(w.double().numpy(), oracle_decode64(packed, exp, k, gs))
+
+
+# ---------------------------------------------------------------- the kernels' digit arithmetic, exhaustively
+
+
+@triton.jit
+def _digit_helpers_kernel(floor_ptr, trit_ptr, ON_FLOAT: tl.constexpr):
+    b = tl.arange(0, 256)
+    bf = b.to(tl.float32)
+    for d in tl.static_range(5):
+        tl.store(floor_ptr + d * 256 + b, floor_div_pow3(b, bf, d, ON_FLOAT), mask=b < 243)
+        tl.store(trit_ptr + d * 256 + b, trit_float(b, tl.full((256,), d, tl.int32), ON_FLOAT), mask=b < 243)
+
+
+@pytest.mark.parametrize("on_float", [False, True])
+def test_digit_helpers_are_exact_for_every_byte(kernel_device, on_float):
+    """``floor_div_pow3`` (the GEMV's floors) and ``trit_float`` (every decode) on either pipe, for all 243
+    bytes and digits 0..4, against integer division: the magic-number roundings have no slack to spare."""
+    floors = torch.full((5, 256), -9.0, device=kernel_device)
+    trits = torch.full((5, 256), -9.0, device=kernel_device)
+    _digit_helpers_kernel[(1,)](floors, trits, ON_FLOAT=on_float)
+    b = torch.arange(243)
+    assert torch.equal(floors[:, :243].cpu(), torch.stack([b // 3**d for d in range(5)]).float())
+    assert torch.equal(trits[:, :243].cpu(), torch.stack([(b // 3**d) % 3 - 1 for d in range(5)]).float())
