@@ -194,7 +194,7 @@ def _add_counter_flags(p: argparse.ArgumentParser) -> None:
                         "needs --flip-threshold <= 7)")
     p.add_argument("--flip-threshold", type=int, help="net votes per trit move (default: the preset's, 16)")
     p.add_argument("--exp-threshold", type=int,
-                   help="net votes per group exponent move (default: the preset's, 32; 1..127)")
+                   help="net votes per group exponent move (default: the preset's, 127; 1..127)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -162,21 +162,26 @@ class UpdateConfig:
       when ``flip_threshold`` net votes agree; "stochastic" keeps none (about 0.3 bytes/weight in all) and
       moves a trit on each vote with probability 1/``flip_threshold``, drawn from a counter-based hash of
       (``seed``, step, tensor, weight), so a step stays a pure function of (state, batch, config). Counter
-      mode learns better (tiny byte path, held-out bits/byte: 3.82 vs 4.34 for stochastic θ 64 at 200 steps,
-      4.09 vs 5.65 at 400; benchmarks/RESULTS.md), so it stays the default.
+      mode learns better (tiny byte path, held-out bits/byte at 200 steps: 3.45 vs 4.29 for stochastic θ 64 with
+      exp θ 127, 3.82 vs 4.34 with exp θ 32; benchmarks/RESULTS.md), so it stays the default.
     flip_threshold: net votes per trit move (1..127; at most 7 with 4-bit counters). 16 with dithered counters learned best on the tiny byte
       path (200 steps, held-out bits/byte vs the float twin: θ 8 1.17×, 12 1.18×, 16 1.14×, 24 1.17×;
       benchmarks/RESULTS.md).
     exp_threshold: votes before a group's log2 scale moves by one (1..127). A move doubles or halves
       a whole group, so it needs far more evidence than a flip: at the original's 4 the tiny model's loss
-      blew up within 50 steps (6.1 -> 240 nats); at 32 it trains smoothly (benchmarks/RESULTS.md).
+      blew up within 50 steps (6.1 -> 240 nats). At 32 (the old default) tiny trained smoothly, but the small
+      byte path collapsed after step 700 of 1000 on the GPU (held-out 2.92 -> 6.26 bits/byte); at 96 and 127
+      it fell steadily to 2.60 and 2.58, below the float twin's 3.17-3.32. 127, the int8 accumulator's limit,
+      is the default: best of 32/96/127 on the tiny byte path at 200 and 400 steps (1.086x and 1.161x the float
+      twin, against 1.135x and 1.234x at 32) and on small; the optimum may lie beyond int8's range
+      (benchmarks/RESULTS.md, "Exponent threshold").
     counter_bits: counter mode only: the width of each flip counter. 8 (default) is an int8 per weight; 4 packs
       two signed nibbles per byte (``t_accum`` uint8 [N, ceil(K/2)], kernels/update.py
       ``arbfn::ternary_update_nibble``), half a byte per weight less, and needs ``flip_threshold`` <= 7. The
       rule is the same; only the counter's range shrinks, so 4-bit runs are the 8-bit runs at θ <= 7, bit for
-      bit. That lower θ costs learning (tiny byte path, held-out bits/byte vs the float twin, 200 steps: 4-bit
-      θ 4 1.26×, 5 1.21×, 6 1.18×, 7 1.155× against 1.135× for 8-bit θ 16; 400 steps, θ 7: 1.38× vs 1.23×;
-      benchmarks/RESULTS.md), so 8 stays the default; 4 is an option for memory-bound runs (0.81 vs 1.31
+      bit. That lower θ costs learning (tiny byte path, held-out bits/byte vs the float twin, 200 steps, exp θ 32:
+      4-bit θ 4 1.26×, 5 1.21×, 6 1.18×, 7 1.155× against 1.135× for 8-bit θ 16; 400 steps, θ 7: 1.38× vs
+      1.23×; exp θ 127, 200 steps: θ 7 1.144× vs 1.086×; benchmarks/RESULTS.md), so 8 stays the default; 4 is an option for memory-bound runs (0.81 vs 1.31
       bytes/weight of state on the whole tiny preset).
     seed: the stochastic flips' stream (0..2**32-1); unused by counter mode.
     dither: counter mode only: a fresh state's flip counters start uniform in [-(θ-1), θ-1] (drawn from the
@@ -187,7 +192,7 @@ class UpdateConfig:
     """
 
     flip_threshold: int = 16
-    exp_threshold: int = 32
+    exp_threshold: int = 127
     flip_mode: str = "counter"
     seed: int = 0
     dither: bool = True

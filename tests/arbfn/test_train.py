@@ -182,10 +182,10 @@ def test_untrainable_weights_get_no_gradient_and_stay_frozen(batch):
 
 @pytest.fixture(scope="module")
 def learning_run(corpus):
-    """The tiny preset as configured (flip 16 with dithered counters, exp 32, batch 16, context 64)."""
+    """The tiny preset as configured (flip 16 with dithered counters, exp 127, batch 16, context 64)."""
     cfg = with_train(TINY, steps=LEARNING_STEPS)
     assert (cfg.update.flip_threshold, cfg.update.dither, cfg.update.exp_threshold, cfg.train.batch_size,
-            cfg.train.context) == (16, True, 32, 16, 64)
+            cfg.train.context) == (16, True, 127, 16, 64)
     init = init_model(cfg, gen(cfg.train.seed))
     final, history = train(cfg, init, corpus)
     return cfg, init, final, history

@@ -333,20 +333,24 @@ def test_good_arguments_pass_the_fake(op, bits):
 
 
 @pytest.mark.slow
-def test_compiled_matches_eager():
+@pytest.mark.parametrize("op_name", ["ternary_update", "ternary_update_nibble"])
+def test_compiled_matches_eager(op_name):
+    """Two chained updates compiled fullgraph equal eager, for int8 and 4-bit counters; opcheck on both ops."""
     k, gs, th, the = 37, 6, 2, 1
-    inputs = make_case(5, k, gs, th, the, "edge", "edge", "mixed", seed=3)
+    packed, exp, t_accum, e_accum, grad = make_case(5, k, gs, th, the, "edge", "edge", "mixed", seed=3)
+    inputs = (packed, exp, pack_nibbles(t_accum) if op_name.endswith("nibble") else t_accum, e_accum, grad)
+    op = getattr(torch.ops.arbfn, op_name)
 
     def two_steps(packed, exp, t_accum, e_accum, grad):
-        *state, f1, m1 = torch.ops.arbfn.ternary_update(packed, exp, t_accum, e_accum, grad, k, gs, th, the)
-        *state, f2, m2 = torch.ops.arbfn.ternary_update(*state, -grad, k, gs, th, the)
+        *state, f1, m1 = op(packed, exp, t_accum, e_accum, grad, k, gs, th, the)
+        *state, f2, m2 = op(*state, -grad, k, gs, th, the)
         return (*state, f1 + f2, m1 + m2)
 
     torch._dynamo.reset()
     want = two_steps(*inputs)
     assert want[4].item() > 0 and want[5].item() > 0  # the example exercises both rules
     assert_same(torch.compile(two_steps, fullgraph=True)(*inputs), want)
-    torch.library.opcheck(torch.ops.arbfn.ternary_update.default, (*inputs, k, gs, th, the))
+    torch.library.opcheck(op.default, (*inputs, k, gs, th, the))
 
 
 # ---------------------------------------------------------------- 6. stochastic flips (no t_accum)
@@ -632,21 +636,3 @@ def test_nibble_counters_saturate_at_the_limits(kernel_device, trit, start, vote
         assert torch.all(unpack_reference(state[0].cpu(), k) == want_trit)
         assert torch.equal(state[2].cpu(), nibbles_by_hand(torch.full((n, k), want_counter, dtype=torch.int8)))
         assert flips == want_flips * n * k
-
-
-@pytest.mark.slow
-def test_nibble_compiled_matches_eager():
-    k, gs, th, the = 37, 6, 2, 1
-    packed, exp, ta, e_accum, grad = make_case(5, k, gs, th, the, "edge", "edge", "mixed", seed=3)
-    inputs = (packed, exp, pack_nibbles(ta), e_accum, grad)
-
-    def two_steps(packed, exp, t_accum, e_accum, grad):
-        *state, f1, m1 = torch.ops.arbfn.ternary_update_nibble(packed, exp, t_accum, e_accum, grad, k, gs, th, the)
-        *state, f2, m2 = torch.ops.arbfn.ternary_update_nibble(*state, -grad, k, gs, th, the)
-        return (*state, f1 + f2, m1 + m2)
-
-    torch._dynamo.reset()
-    want = two_steps(*inputs)
-    assert want[4].item() > 0 and want[5].item() > 0  # the example exercises both rules
-    assert_same(torch.compile(two_steps, fullgraph=True)(*inputs), want)
-    torch.library.opcheck(torch.ops.arbfn.ternary_update_nibble.default, (*inputs, k, gs, th, the))
