@@ -173,8 +173,8 @@ class UpdateConfig:
       byte path collapsed after step 700 of 1000 on the GPU (held-out 2.92 -> 6.26 bits/byte); at 96 and 127
       it fell steadily to 2.60 and 2.58, below the float twin's 3.17-3.32. 127, the int8 accumulator's limit,
       is the default: best of 32/96/127 on the tiny byte path at 200 and 400 steps (1.086x and 1.161x the float
-      twin, against 1.135x and 1.234x at 32) and on small; the optimum may lie beyond int8's range
-      (benchmarks/RESULTS.md, "Exponent threshold").
+      twin, against 1.135x and 1.234x at 32) and on small. Slower still (exponent votes counted every second
+      step, about θE 254) was worse: 1.115x and 1.181x (benchmarks/RESULTS.md, "Exponent threshold").
     counter_bits: counter mode only: the width of each flip counter. 8 (default) is an int8 per weight; 4 packs
       two signed nibbles per byte (``t_accum`` uint8 [N, ceil(K/2)], kernels/update.py
       ``arbfn::ternary_update_nibble``), half a byte per weight less, and needs ``flip_threshold`` <= 7. The
