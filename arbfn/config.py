@@ -184,6 +184,10 @@ class UpdateConfig:
       1.23×; exp θ 127, 200 steps: θ 7 1.144× vs 1.086×; benchmarks/RESULTS.md), so 8 stays the default; 4 is an option for memory-bound runs (0.81 vs 1.31
       bytes/weight of state on the whole tiny preset).
     seed: the stochastic flips' stream (0..2**32-1); unused by counter mode.
+    Warm-up has no knob of its own: exponent accumulators start at 0, so no exponent moves before step
+    ``exp_threshold`` (127 steps by default), and ``dither`` spreads the first flips. An extra exponent freeze
+    for the first 50 or 100 steps was measured worse (tiny byte path, 200 steps: 1.116x / 1.115x the float
+    twin against 1.086x: the default's first exponent moves, after step 127, are worth 0.09 bits/byte).
     dither: counter mode only: a fresh state's flip counters start uniform in [-(θ-1), θ-1] (drawn from the
       init generator) instead of 0. From zeros, every weight whose gradient sign holds for θ steps flips at
       step θ at once (1.6M trits of the small model at step 8, which blew up its multimodal losses); dithered
