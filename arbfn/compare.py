@@ -63,8 +63,7 @@ def compare(cfg: Config, corpus: bytes, steps: int | None = None, eval_every: in
     stream = data_mod.iterate_batches(train_data, tc.batch_size, tc.context, tc.seed)
     device = torch.device(device)
     eval_set = [b.to(device) for b in data_mod.eval_batches(held_out, tc.batch_size, tc.context)[: tc.eval_batches]]
-    state = init_model(cfg, torch.Generator().manual_seed(tc.seed))  # flip counters laid out (and dithered) by cfg
-    state = State(to_device(state.params, device), state.step.to(device), state.config)
+    state = to_device(init_model(cfg, torch.Generator().manual_seed(tc.seed)), device)  # counters laid out by cfg
     twin = FloatTwin(cfg.model, torch.Generator().manual_seed(tc.seed)).to(device)
     opt = make_optimizer(twin, lr)
     curve: dict[str, list[float]] = {"step": [], "ternary": [], "float": []}
@@ -96,7 +95,8 @@ def compare(cfg: Config, corpus: bytes, steps: int | None = None, eval_every: in
     bt, bf = curve["ternary"][-1], curve["float"][-1]
     return {
         "preset": cfg.name, "architecture": ARCHITECTURE, "model": dataclasses.asdict(cfg.model),
-        "device": str(device), "steps": steps, "eval_every": eval_every, "batch_size": tc.batch_size, "context": tc.context,
+        "device": str(device), "steps": steps, "eval_every": eval_every, "batch_size": tc.batch_size,
+        "context": tc.context,
         "eval_batches": len(eval_set), "update": dataclasses.asdict(cfg.update),
         "float_optimizer": f"AdamW lr {lr:g}, fp32, no weight decay",
         "bpb_ternary": bt, "bpb_float": bf, "ratio": bt / bf,

@@ -164,9 +164,9 @@ class UpdateConfig:
       (``seed``, step, tensor, weight), so a step stays a pure function of (state, batch, config). Counter
       mode learns better (tiny byte path, held-out bits/byte at 200 steps: 3.45 vs 4.29 for stochastic θ 64 with
       exp θ 127, 3.82 vs 4.34 with exp θ 32; benchmarks/RESULTS.md), so it stays the default.
-    flip_threshold: net votes per trit move (1..127; at most 7 with 4-bit counters). 16 with dithered counters learned best on the tiny byte
-      path (200 steps, held-out bits/byte vs the float twin: θ 8 1.17×, 12 1.18×, 16 1.14×, 24 1.17×;
-      benchmarks/RESULTS.md).
+    flip_threshold: net votes per trit move (1..127; at most 7 with 4-bit counters). 16 with dithered counters
+      learned best on the tiny byte path (200 steps, held-out bits/byte vs the float twin: θ 8 1.17×, 12 1.18×,
+      16 1.14×, 24 1.17×; benchmarks/RESULTS.md).
     exp_threshold: votes before a group's log2 scale moves by one (1..127). A move doubles or halves
       a whole group, so it needs far more evidence than a flip: at the original's 4 the tiny model's loss
       blew up within 50 steps (6.1 -> 240 nats). At 32 (the old default) tiny trained smoothly, but the small
@@ -181,18 +181,19 @@ class UpdateConfig:
       rule is the same; only the counter's range shrinks, so 4-bit runs are the 8-bit runs at θ <= 7, bit for
       bit. That lower θ costs learning (tiny byte path, held-out bits/byte vs the float twin, 200 steps, exp θ 32:
       4-bit θ 4 1.26×, 5 1.21×, 6 1.18×, 7 1.155× against 1.135× for 8-bit θ 16; 400 steps, θ 7: 1.38× vs
-      1.23×; exp θ 127, 200 steps: θ 7 1.144× vs 1.086×; benchmarks/RESULTS.md), so 8 stays the default; 4 is an option for memory-bound runs (0.81 vs 1.31
-      bytes/weight of state on the whole tiny preset).
+      1.23×; exp θ 127, 200 steps: θ 7 1.144× vs 1.086×; benchmarks/RESULTS.md), so 8 stays the default; 4 is
+      an option for memory-bound runs (0.81 vs 1.31 bytes/weight of state on the whole tiny preset).
     seed: the stochastic flips' stream (0..2**32-1); unused by counter mode.
-    Warm-up has no knob of its own: exponent accumulators start at 0, so no exponent moves before step
-    ``exp_threshold`` (127 steps by default), and ``dither`` spreads the first flips. An extra exponent freeze
-    for the first 50 or 100 steps was measured worse (tiny byte path, 200 steps: 1.116x / 1.115x the float
-    twin against 1.086x: the default's first exponent moves, after step 127, are worth 0.09 bits/byte).
     dither: counter mode only: a fresh state's flip counters start uniform in [-(θ-1), θ-1] (drawn from the
       init generator) instead of 0. From zeros, every weight whose gradient sign holds for θ steps flips at
       step θ at once (1.6M trits of the small model at step 8, which blew up its multimodal losses); dithered
       starts spread the first flips over steps 1..2θ-1 (tiny byte path, 200 steps, θ 8: 3.73 vs 3.82 bits/byte;
       θ 16: 3.61-3.63 vs 4.32; whole tiny preset, 100 steps, θ 8: 3.87 vs 4.45).
+
+    Warm-up has no knob of its own: exponent accumulators start at 0, so no exponent moves before step
+    ``exp_threshold`` (127 steps by default), and ``dither`` spreads the first flips. An extra exponent freeze
+    for the first 50 or 100 steps was measured worse (tiny byte path, 200 steps: 1.116x / 1.115x the float
+    twin against 1.086x: the default's first exponent moves, after step 127, are worth 0.09 bits/byte).
     """
 
     flip_threshold: int = 16

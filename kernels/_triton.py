@@ -43,31 +43,31 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds any |v|
 
 
 @triton.jit
-def pow3_constants(d: tl.constexpr):
-    """(ceil(2**16 / 3**d), an fp32 value >= 3**-d by under 2**-24 relative) for d = 1..4."""
-    if d == 1:
-        c = (21846, 0.3333333432674408)
-    elif d == 2:
-        c = (7282, 0.1111111119389534)
-    elif d == 3:
-        c = (2428, 0.03703703731298447)
-    else:
-        c = (810, 0.012345679104328156)
-    return c
+def inv3_float(r):
+    """An fp32 value at most 2**-24 (relative) from ``3**-r``, for r in 0..5 (int, constexpr or tensor): with
+    :func:`round_floor` it gives exact ``floor(b / 3**r)`` for every byte 0..242."""
+    return tl.where(r == 0, 1.0, tl.where(r == 1, 0.3333333432674408, tl.where(r == 2, 0.1111111119389534, tl.where(
+        r == 3, 0.03703703731298447, tl.where(r == 4, 0.012345679104328156, 0.004115226212888956)))))
+
+
+@triton.jit
+def round_floor(z):
+    """``floor(z)`` for ``z = b * inv3_float(r)``, whose fractional parts are multiples of 1/243 or just above: add
+    the bias, and the magic number rounds to an integer (exact, float pipe only)."""
+    return (z + _FLOOR_BIAS + _ROUND_MAGIC) - _ROUND_MAGIC
 
 
 @triton.jit
 def floor_div_pow3(b, bf, d: tl.constexpr, ON_FLOAT: tl.constexpr):
     """``floor(b / 3**d)`` as an exact float for 0 <= b < 243 and d = 0..4 (``bf`` = float(b)). Integer pipe:
     the float ``u`` whose mantissa bits 16..22 hold ``(b * ceil(2**16 / 3**d)) >> 16`` is ``1 + f / 128``;
-    float pipe: ``round(b * 3**-d + bias)`` by magic-number rounding. Both are exact for every byte
-    (tests/kernels/test_packing.py checks all 243)."""
+    float pipe: :func:`round_floor`. Both are exact for every byte (tests/kernels/test_packing.py checks all 243)."""
     if d == 0:
         f = bf
     elif ON_FLOAT:
-        f = (bf * pow3_constants(d)[1] + _FLOOR_BIAS + _ROUND_MAGIC) - _ROUND_MAGIC
+        f = round_floor(bf * inv3_float(d))
     else:
-        u = (((b * pow3_constants(d)[0]) & 0x7F0000) | 0x3F800000).to(tl.float32, bitcast=True)
+        u = (((b * inv_pow3(d)) & 0x7F0000) | 0x3F800000).to(tl.float32, bitcast=True)
         f = u * 128.0 - 128.0
     return f
 
@@ -79,13 +79,7 @@ def trit_float(byte, r, ON_FLOAT: tl.constexpr):
     a float through the mantissa of 2**23; on the float pipe two exact floors, ``f_r - 3 f_(r+1) - 1``."""
     if ON_FLOAT:
         bf = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        c_lo = tl.where(r == 0, 1.0, tl.where(r == 1, 0.3333333432674408, tl.where(r == 2, 0.1111111119389534,
-                        tl.where(r == 3, 0.03703703731298447, 0.012345679104328156))))
-        c_hi = tl.where(r == 0, 0.3333333432674408, tl.where(r == 1, 0.1111111119389534, tl.where(
-            r == 2, 0.03703703731298447, tl.where(r == 3, 0.012345679104328156, 0.004115226212888956))))
-        f_lo = (bf * c_lo + _FLOOR_BIAS + _ROUND_MAGIC) - _ROUND_MAGIC
-        f_hi = (bf * c_hi + _FLOOR_BIAS + _ROUND_MAGIC) - _ROUND_MAGIC
-        t = f_lo - (f_hi * 3.0 + 1.0)
+        t = round_floor(bf * inv3_float(r)) - (round_floor(bf * inv3_float(r + 1)) * 3.0 + 1.0)
     else:
         q = (byte * inv_pow3(r)) >> 16
         t = ((q - 3 * div3(q)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0

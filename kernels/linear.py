@@ -58,12 +58,21 @@ _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg, "FLOAT_DIGITS": fd
                  for bn, bg, w in ((64, 2, 4), (32, 4, 4), (32, 8, 8), (16, 16, 8), (64, 8, 8), (128, 4, 8))
                  for fd in (0, 2)]
 @triton.jit
+def _gemv_block(g, g_end, slot, K, GS: tl.constexpr):
+    """Where groups ``g`` (masked at ``g_end``) lie: first and past-last column per group, the byte of each
+    (group, slot), and which (group, slot) entries hold a column of their group."""
+    col_lo = g * GS
+    col_hi = tl.minimum(col_lo + GS, K)
+    byte_i = (col_lo // 5)[:, None] + slot[None, :]
+    entry = (g < g_end)[:, None] & (byte_i * 5 < col_hi[:, None])
+    return col_lo, col_hi, byte_i, entry
+
+
+@triton.jit
 def _gemv_block_loads(packed_ptr, exp_ptr, rn, row_ok, g, g_end, slot, K, KB, G, GS: tl.constexpr):
     """The GEMV's loads for groups ``g`` (masked at ``g_end``): bytes [rows, groups, slots] (121 = zero trits
     where masked) and exponents [rows, groups]."""
-    col_lo = g * GS
-    byte_i = (col_lo // 5)[:, None] + slot[None, :]
-    entry = (g < g_end)[:, None] & (byte_i * 5 < tl.minimum(col_lo + GS, K)[:, None])
+    _, _, byte_i, entry = _gemv_block(g, g_end, slot, K, GS)
     b = tl.load(packed_ptr + rn[:, None, None] * KB + byte_i[None, :, :], mask=row_ok[:, None, None] & entry[None],
                 other=121)
     e = tl.load(exp_ptr + rn[:, None] * G + g[None, :], mask=row_ok[:, None] & (g < g_end)[None, :], other=0)
@@ -97,11 +106,7 @@ def _linear_gemv_kernel(x_ptr, out_ptr, packed_ptr, exp_ptr, N, K, KB, G, SPLIT_
         b, e = b_next, e_next
         b_next, e_next = _gemv_block_loads(packed_ptr, exp_ptr, rn, row_ok, g0 + BLOCK_G + gi, g_end, slot, K, KB,
                                            G, GS)
-        g = g0 + gi
-        col_lo = g * GS
-        col_hi = tl.minimum(col_lo + GS, K)
-        byte_i = (col_lo // 5)[:, None] + slot[None, :]  # [BLOCK_G, SLOTS]
-        entry = (g < g_end)[:, None] & (byte_i * 5 < col_hi[:, None])
+        col_lo, col_hi, byte_i, entry = _gemv_block(g0 + gi, g_end, slot, K, GS)  # byte_i, entry: [BLOCK_G, SLOTS]
         b = b.to(tl.int32)
         bf = (b | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         val = tl.zeros((BLOCK_N, BLOCK_G, SLOTS), tl.float32)
