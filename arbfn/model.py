@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
+from arbfn.checking import checking_data
 from arbfn.config import Config, ModelConfig
 from arbfn.layers.block import block, init_block
 from arbfn.layers.bridge import bridge, init_bridge
@@ -115,7 +116,7 @@ def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = No
 
 def check_batch(batch: torch.Tensor, cfg: ModelConfig) -> None:
     """Clear errors for token batches the model cannot take (skipped while tracing)."""
-    if torch.compiler.is_compiling():
+    if not checking_data():
         return
     if not isinstance(batch, torch.Tensor) or batch.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"batch must be an integer tensor of token ids, got {type(batch).__name__}"

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from arbfn.checking import checking_data
 from arbfn.config import TrainConfig
 from arbfn.layers.heads import talker_head, video_loss
 from arbfn.model import State, forward
@@ -38,7 +39,7 @@ def as_batch(batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.T
     video = {"video_latent", "video_noise", "video_step"} & set(b)
     if video and len(video) != 3:
         raise ValueError(f"video training needs video_latent, video_noise and video_step together, got {sorted(video)}")
-    if not torch.compiler.is_compiling():
+    if checking_data():
         for k, v in b.items():
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise ValueError(f"batch[{k!r}] holds NaN or infinite values")

@@ -1,7 +1,7 @@
 """Train-step throughput, side by side in one run: the ternary step (forward, backward, sign-vote update,
-counters) eager and compiled, for the whole preset and for its byte path, against the float twin of the
-byte path (same architecture, nn.Linear + AdamW under bf16 autocast), with peak device memory and the
-persistent state bytes per logical weight.
+counters) eager, compiled and (CUDA) compiled and replayed as one CUDA graph, for the whole preset and for its
+byte path, against the float twin of the byte path (same architecture, nn.Linear + AdamW under bf16 autocast,
+eager and under torch.compile), with peak device memory and the persistent state bytes per logical weight.
 
     python -m benchmarks.train_step [--device cuda] [--preset small] [--batch 16] [--context 256]
                                     [--matmul-precision highest|high] [--layouts stochastic,nibble]
@@ -19,6 +19,7 @@ import torch
 from arbfn.audit import audit
 from arbfn.compare import byte_path_config
 from arbfn.compiled import CompiledTrainStep
+from arbfn.graphed import GraphedTrainStep
 from arbfn.config import Config, preset
 from arbfn.model import State, init_model
 from arbfn.ternary import to_device
@@ -43,14 +44,16 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
 
 
 def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.device,
-                 kinds: tuple[str, ...] = ("eager", "compiled")) -> list[list]:
-    """Ternary step rows for ``cfg`` (eager and/or compiled); the state advances across the timed steps."""
+                 kinds: tuple[str, ...] = ("eager", "compiled", "CUDA graph")) -> list[list]:
+    """Ternary step rows for ``cfg`` (eager, compiled, compiled in a CUDA graph: the last on CUDA only); the
+    state advances across the timed steps."""
     box = {"state": ternary_state(cfg, device)}
     report = audit(box["state"])
     compiled = CompiledTrainStep(cfg)
     rows = []
-    steps = {"eager": lambda s, b: train_step(s, b, cfg), "compiled": compiled}
-    for kind, step in ((k, steps[k]) for k in kinds):
+    steps = {"eager": lambda s, b: train_step(s, b, cfg), "compiled": compiled,
+             "CUDA graph": GraphedTrainStep(cfg, compiled)}
+    for kind, step in ((k, steps[k]) for k in kinds if k != "CUDA graph" or device.type == "cuda"):
         def run() -> None:
             box["state"], _ = step(box["state"], ids)
         ms, peak = measure(run, device)
@@ -60,23 +63,28 @@ def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.devic
 
 
 def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> list[list]:
-    """The float twin's AdamW step under bf16 autocast (fp32 master weights: what a user would run)."""
-    model = FloatTwin(cfg.model, torch.Generator().manual_seed(0)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda")
-    n = sum(p.numel() for p in model.parameters())
-    state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())  # weights + 2 Adam moments
-    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    """The float twin's AdamW step under bf16 autocast (fp32 master weights: what a user would run), eager and
+    with the model under ``torch.compile``."""
+    rows = []
+    for kind in ("eager", "compiled"):
+        model = FloatTwin(cfg.model, torch.Generator().manual_seed(0)).to(device)
+        forward = torch.compile(model) if kind == "compiled" else model
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda")
+        n = sum(p.numel() for p in model.parameters())
+        state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())  # weights + 2 Adam moments
+        autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-    def run() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = twin_loss(model, ids)
-        loss.backward()
-        opt.step()
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = twin_loss(forward, ids)
+            loss.backward()
+            opt.step()
 
-    ms, peak = measure(run, device)
-    return [["float twin byte path, bf16 autocast + AdamW", ms, ids.numel() / ms * 1e3, peak, n,
-             f"{state_bytes / n:.3f}"]]
+        ms, peak = measure(run, device)
+        rows.append([f"float twin byte path, bf16 autocast + AdamW, {kind}", ms, ids.numel() / ms * 1e3, peak, n,
+                     f"{state_bytes / n:.3f}"])
+    return rows
 
 
 LAYOUTS = {"stochastic": dict(flip_mode="stochastic"), "nibble": dict(counter_bits=4, flip_threshold=7)}
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += ternary_rows(byte_path_config(cfg), "byte path", ids, device)
     for layout in filter(None, args.layouts.split(",")):
         rows += ternary_rows(byte_path_config(with_layout(cfg, layout)), f"byte path, {layout}", ids, device,
-                             kinds=("compiled",))
+                             kinds=("compiled", "CUDA graph"))
     rows += twin_rows(cfg, ids, device)
     print(f"device: {describe(device)}; preset {args.preset}; batch [{args.batch}, {args.context}]; "
           f"MoE dense dispatch up to {moe.dense_limit} tokens; fp32 matmul precision {args.matmul_precision}")

@@ -13,5 +13,5 @@ Conventions every layer here follows:
   ``update_<layer>_counters(params, aux) -> params`` from the ``aux`` the forward returned.
 - Halting loops are a step function plus ``arbfn.loops.act_eager`` / ``act_fixed``.
 - Bad inputs raise ``ValueError``/``TypeError`` naming the problem; data-dependent checks are skipped
-  while tracing (``torch.compiler.is_compiling()``).
+  while tracing or capturing a CUDA graph (``arbfn.checking.checking_data()``).
 """

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from arbfn.checking import checking_data
 from arbfn.loops import act_eager, act_fixed
 from arbfn.ternary import embed, init_ternary, linear
 from kernels.graph import edge_aggregate, gather_residual
@@ -61,7 +62,7 @@ def graph_hop_step(p: dict[str, Any], h: torch.Tensor) -> tuple[torch.Tensor, to
 def _check_indices(indices: torch.Tensor, n_nodes: int, shape: tuple[int, ...]) -> None:
     if indices.dtype != torch.int64 or tuple(indices.shape) != shape:
         raise TypeError(f"indices must be int64 of shape {shape}, got {indices.dtype} {tuple(indices.shape)}")
-    if not torch.compiler.is_compiling() and indices.numel():
+    if checking_data() and indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n_nodes:
             raise ValueError(f"indices must be in 0..{n_nodes - 1}, got {lo}..{hi}")
@@ -92,6 +93,14 @@ def graph(p: dict[str, Any], x: torch.Tensor, indices: torch.Tensor, max_hops: i
     return x_out, {"ponder": res.ponder.mean(), "hops": res.steps}
 
 
+def _member(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """``torch.isin(values, pool)`` by sort and binary search: fixed shapes, no host sync (CUDA graphs)."""
+    if pool.numel() == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    ordered = pool.sort().values
+    return ordered[torch.searchsorted(ordered, values).clamp_max(pool.numel() - 1)] == values
+
+
 def update_graph_counters(p: dict[str, Any], indices: torch.Tensor) -> dict[str, Any]:
     """Hebbian edge-score update from the transitions ``indices[:, t] -> indices[:, t+1]`` ([B, T] int64).
 
@@ -106,8 +115,8 @@ def update_graph_counters(p: dict[str, Any], indices: torch.Tensor) -> dict[str,
     _check_indices(indices, n_nodes, tuple(indices.shape))
     a, b = indices[:, :-1].reshape(-1), indices[:, 1:].reshape(-1)
     src, dst = p["src"].long(), p["dst"].long()
-    hit = torch.isin(src * n_nodes + dst, a * n_nodes + b)
-    seen = torch.isin(src, a)
+    hit = _member(src * n_nodes + dst, a * n_nodes + b)
+    seen = _member(src, a)
     delta = torch.where(hit, 1, torch.where(seen, -1, 0))
     score = (p["score"].to(torch.int16) + delta).clamp(-128, 127).to(torch.int8)
     return {**p, "score": score}

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from arbfn.checking import checking_data
 from arbfn.loops import act_eager, act_fixed
 from arbfn.ternary import TernaryWeight, embed, init_ternary, linear
 from kernels.denoise import denoise_step
@@ -140,7 +141,7 @@ def video_loss(p: dict[str, TernaryWeight], cond: torch.Tensor, clean_latent: to
             (isinstance(step, torch.Tensor) and (step.dtype != torch.int64 or step.shape not in ((), (b,)))):
         raise TypeError(f"step must be an int or an int64 tensor [] or [{b}], got {step!r}")
     step = torch.as_tensor(step, device=clean_latent.device).expand(b)
-    if not torch.compiler.is_compiling() and not bool(((step >= 0) & (step < rows)).all()):
+    if checking_data() and not bool(((step >= 0) & (step < rows)).all()):
         raise ValueError(f"step must lie in 0..{rows - 1}")
     abar = torch.cumprod(cosine_alphas(rows, clean_latent.device), 0)[step].view(b, 1, 1, 1, 1)
     noisy = abar.sqrt() * clean_latent + (1 - abar).sqrt() * noise

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from arbfn.checking import checking_data
 from arbfn.ternary import TernaryWeight, embed, init_ternary, linear
 
 Carry = tuple[torch.Tensor, torch.Tensor]
@@ -74,7 +75,7 @@ def update_memgram_counters(p: dict[str, Any], aux: dict[str, torch.Tensor], dec
     idx = aux["slot_indices"]
     if idx.is_floating_point() or idx.dtype == torch.bool:
         raise TypeError(f"slot_indices must be integer, got {idx.dtype}")
-    if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= strength.numel()):
+    if checking_data() and idx.numel() and (idx.min() < 0 or idx.max() >= strength.numel()):
         raise ValueError(f"slot_indices must lie in [0, {strength.numel()})")
     s = strength.to(torch.int32)
     decay = ((step.to(s.device) + 1) % decay_every == 0).to(torch.int32)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from arbfn.checking import checking_data
 from arbfn.ternary import TernaryWeight, decode, embed, init_ternary, linear
 
 BUCKET_BITS = 16  # sign bits of z that form the candidate bucket (fewer when code_dim is smaller)
@@ -108,8 +109,10 @@ def update_vq_counters(p: dict, indices: torch.Tensor) -> dict:
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise TypeError(f"update_vq_counters expects integer indices, got {indices.dtype}")
     flat = indices.reshape(-1).to(torch.int64)
-    if not torch.compiler.is_compiling() and flat.numel() and (flat.min() < 0 or flat.max() >= usage.numel()):
+    if checking_data() and flat.numel() and (flat.min() < 0 or flat.max() >= usage.numel()):
         raise ValueError(f"update_vq_counters: indices must lie in [0, {usage.numel()})")
-    ids, counts = torch.unique(flat, return_counts=True)
-    new = (usage[ids].to(torch.int64) + counts).clamp_max(INT16_MAX).to(torch.int16)
-    return {**p, "usage": usage.index_put((ids,), new)}
+    # each occurrence's count of its code, with fixed shapes (no unique: a CUDA graph can capture this)
+    ordered = flat.sort().values
+    counts = torch.searchsorted(ordered, flat, right=True) - torch.searchsorted(ordered, flat)
+    new = (usage[flat].to(torch.int64) + counts).clamp_max(INT16_MAX).to(torch.int16)
+    return {**p, "usage": usage.index_put((flat,), new)}  # repeated codes write the same value

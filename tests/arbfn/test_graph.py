@@ -165,3 +165,13 @@ def test_bad_inputs_raise():
         update_graph_counters(p, idx[0])
     with pytest.raises(ValueError, match="positive"):
         init_graph(V, D_NODE, D_MODEL, 0, GS, None)
+
+
+def test_membership_matches_isin():
+    """The capture-safe membership test of update_graph_counters is torch.isin, empty pools included."""
+    from arbfn.layers.graph import _member
+
+    g = torch.Generator().manual_seed(0)
+    for n_values, n_pool in ((0, 3), (5, 0), (1, 1), (40, 17), (17, 40)):
+        values, pool = torch.randint(0, 30, (n_values,), generator=g), torch.randint(0, 30, (n_pool,), generator=g)
+        assert torch.equal(_member(values, pool), torch.isin(values, pool))

@@ -1,0 +1,77 @@
+"""The CUDA-graph train step (arbfn/graphed.py) gives the compiled step's new state and stays pure."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from arbfn import data
+from arbfn.compiled import CompiledTrainStep
+from arbfn.config import UpdateConfig, preset
+from arbfn.graphed import GraphedTrainStep
+from arbfn.model import State, init_model
+from arbfn.ternary import to_device, weights
+from tests.arbfn.test_compiled_step import differing_elements
+
+CFG = dataclasses.replace(preset("tiny"), update=UpdateConfig(flip_threshold=1, exp_threshold=1))  # every vote acts
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def cuda_state(cfg=CFG) -> State:
+    s = init_model(cfg, torch.Generator().manual_seed(0))
+    return State(to_device(s.params, "cuda"), s.step.cuda(), s.config)
+
+
+def batches(n: int, batch: int = 2, context: int = 32) -> list[torch.Tensor]:
+    corpus = data.load_corpus()
+    return [data.sample_batch(corpus, batch, context, torch.Generator().manual_seed(s)).cuda() for s in range(n)]
+
+
+def test_cpu_state_is_rejected():
+    state = init_model(CFG, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="one CUDA device"):
+        GraphedTrainStep(CFG)(state, torch.zeros(1, 4, dtype=torch.int64))
+
+
+def test_sparse_moe_batch_is_rejected():
+    state = init_model(CFG, torch.Generator().manual_seed(0))
+    tokens = CFG.model.moe.dense_limit + 1
+    with pytest.raises(ValueError, match="dense dispatch"):
+        GraphedTrainStep(CFG)(state, torch.zeros(1, tokens, dtype=torch.int64))
+
+
+@cuda
+def test_graphed_step_matches_compiled():
+    """Same kernels as the compiled step, so the same new state; as in test_compiled_step, a float reduction
+    order (here the attention backward's atomics) may move a vote at rounding level on later steps."""
+    compiled = CompiledTrainStep(CFG)
+    graphed = GraphedTrainStep(CFG, compiled)
+    state = cuda_state()
+    n_weights = sum(w.num_weights for w in weights(state.params))
+    for b in batches(3):
+        ref, mr = compiled(state, b)
+        got, mg = graphed(state, b)
+        assert int(mg["flips"]) > 0
+        for k in mr:
+            if k not in ("flips", "exp_moves"):
+                assert torch.allclose(mg[k], mr[k], rtol=1e-5, atol=1e-6), k
+        diff = differing_elements(ref, got)
+        assert sum(n for k, n in diff.items() if k.endswith(".t_accum")) <= 1e-3 * n_weights, diff
+        state = ref
+    assert graphed.captured == 1
+
+
+@cuda
+def test_graphed_step_keeps_earlier_states_and_recaptures_new_shapes():
+    graphed = GraphedTrainStep(CFG)
+    s0 = cuda_state()
+    first, second = batches(2)
+    s1, _ = graphed(s0, first)
+    kept = to_device(s1, "cpu")
+    s2, _ = graphed(s1, second)
+    assert differing_elements(to_device(s1, "cpu"), kept) == {}, "a replay overwrote a returned state"
+    assert int(s2.step) == int(s1.step) + 1 == int(s0.step) + 2
+    graphed(s2, batches(1, batch=1, context=16)[0])
+    assert graphed.captured == 2
