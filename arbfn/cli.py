@@ -32,6 +32,30 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+STEP_KINDS = ("eager", "compiled", "cuda-graph")
+
+
+def _single_process_step(kind: str | None, cfg, state, device: torch.device):
+    """(cfg, state, step_fn) for ``arbfn train --step``: the eager step, the compiled one, or the compiled one
+    replayed as a CUDA graph. The last two need fixed shapes, so an MoE takes its dense dispatch for the whole
+    batch (``moe.dense_limit`` raised to the batch's tokens: the same result, SYSTEM.md "MoE")."""
+    from arbfn.compiled import CompiledTrainStep
+    from arbfn.graphed import GraphedTrainStep
+    from arbfn.model import State
+    from arbfn.train import train_step
+
+    if kind in (None, "eager"):
+        return cfg, state, train_step
+    if kind == "cuda-graph" and device.type != "cuda":
+        raise ValueError(f"--step cuda-graph needs a CUDA device, got {device}")
+    tokens = cfg.train.batch_size * cfg.train.context
+    moe = dataclasses.replace(cfg.model.moe, dense_limit=max(cfg.model.moe.dense_limit, tokens))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
+    state = State(state.params, state.step, cfg.model)
+    step = CompiledTrainStep(cfg) if kind == "compiled" else GraphedTrainStep(cfg)
+    return cfg, state, lambda s, batch, _cfg: step(s, batch)
+
+
 def _with_update_flags(cfg, args: argparse.Namespace, resuming: bool):
     """``cfg`` with the update knobs given on the command line (--flip-mode where the subcommand has it,
     --counter-bits, --flip-threshold, --exp-threshold). A resumed checkpoint keeps its flip mode and counter width: its state
@@ -73,6 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
     cfg = _with_update_flags(cfg, args, resuming=state is not None)
     distributed.check_batch_size(cfg.train.batch_size, world)
+    if world > 1 and args.step not in (None, "eager"):
+        raise ValueError(f"--step {args.step} is for one process; data-parallel ranks run the eager step")
     if world > 1 and not ranked:
         return distributed.relaunch("arbfn.cli", _train_argv(args), world)
     device = distributed.init(args.device, args.timeout) if ranked else _device(args.device)
@@ -83,6 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if state is None:
             state = init_model(cfg, torch.Generator().manual_seed(cfg.train.seed))
         state = to_device(state, device)
+        if not ranked:
+            cfg, state, step_fn = _single_process_step(args.step, cfg, state, device)
         bar = tqdm(total=cfg.train.steps, desc=f"train {cfg.name}", unit="step", disable=args.quiet or not lead)
 
         def on_step(i: int, row: dict[str, float]) -> None:
@@ -93,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if ranked:
             state, history = distributed.train_data_parallel(cfg, state, corpus, out, on_step, args.exchange)
         else:
-            state, history = train(cfg, state, corpus, out, on_step)
+            state, history = train(cfg, state, corpus, out, on_step, step_fn)
         bar.close()
         ckpt = (distributed.save_checkpoint if ranked else checkpoint.save)(state, out / "checkpoint.safetensors", cfg)
     finally:
@@ -214,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flip-mode", choices=("counter", "stochastic"),
                    help="trit flips from int8 vote counters (default) or counter-free hashed coin flips (0.3 B/weight)")
     _add_counter_flags(t)
+    t.add_argument("--step", choices=STEP_KINDS,
+                   help="how each train step runs: eager (default), compiled (torch.compile, fixed-step halting loops), "
+                        "or cuda-graph (compiled, then replayed as one CUDA graph: no per-op host overhead)")
     t.add_argument("--resume", help="continue training this checkpoint (its preset and config; --preset is ignored)")
     t.add_argument("--nproc", type=int, help="data-parallel ranks on this host, launched through torchrun")
     t.add_argument("--exchange", default="trits", choices=("trits", "int8"),

@@ -63,28 +63,44 @@ def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.devic
 
 
 def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> list[list]:
-    """The float twin's AdamW step under bf16 autocast (fp32 master weights: what a user would run), eager and
-    with the model under ``torch.compile``."""
+    """The float twin's AdamW step under bf16 autocast (fp32 master weights: what a user would run): eager, with
+    the model under ``torch.compile``, and (CUDA) that whole compiled step, AdamW included, in one CUDA graph."""
     rows = []
-    for kind in ("eager", "compiled"):
+    kinds = ("eager", "compiled", "CUDA graph") if device.type == "cuda" else ("eager", "compiled")
+    for kind in kinds:
         model = FloatTwin(cfg.model, torch.Generator().manual_seed(0)).to(device)
-        forward = torch.compile(model) if kind == "compiled" else model
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda")
+        forward = model if kind == "eager" else torch.compile(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda",
+                                capturable=kind == "CUDA graph")
         n = sum(p.numel() for p in model.parameters())
         state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())  # weights + 2 Adam moments
         autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
         def run() -> None:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=kind != "CUDA graph")  # a graph's gradients stay in its own buffers
             with autocast:
                 loss = twin_loss(forward, ids)
             loss.backward()
             opt.step()
 
-        ms, peak = measure(run, device)
+        ms, peak = measure(captured(run) if kind == "CUDA graph" else run, device)
         rows.append([f"float twin byte path, bf16 autocast + AdamW, {kind}", ms, ids.numel() / ms * 1e3, peak, n,
                      f"{state_bytes / n:.3f}"])
     return rows
+
+
+def captured(fn: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured as a CUDA graph after ``warmup`` calls on a side stream; returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 LAYOUTS = {"stochastic": dict(flip_mode="stochastic"), "nibble": dict(counter_bits=4, flip_threshold=7)}

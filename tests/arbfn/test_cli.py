@@ -61,6 +61,30 @@ def test_train_stochastic_flip_mode_keeps_no_counters(tmp_path, run, capsys):
     assert "--flip-mode stochastic differs from the checkpoint's 'counter'" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without a GPU gives")
+def test_train_step_kinds_refuse_what_they_cannot_run(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--steps", "1", "--step", "cuda-graph", "--device", "cpu",
+                 "--out", str(tmp_path / "g"), "--quiet"]) == 2
+    assert "--step cuda-graph needs a CUDA device, got cpu" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--steps", "1", "--step", "compiled", "--nproc", "2",
+                 "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert "data-parallel ranks run the eager step" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_compiled_step_dense_moe(tmp_path, capsys):
+    """--step compiled trains the whole tiny preset (MoE on) with a batch above moe.dense_limit: the step raises
+    the limit to the batch (the dense dispatch gives the sparse one's result) and the checkpoint records it."""
+    out = tmp_path / "c"
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--batch-size", "8", "--step", "compiled",
+                 "--out", str(out), "--quiet"]) == 0
+    state, cfg = checkpoint.load_run(out / "checkpoint.safetensors")
+    tc = preset("tiny").train
+    assert 8 * tc.context > preset("tiny").model.moe.dense_limit
+    assert int(state.step) == 2 and cfg.model.moe.dense_limit == 8 * tc.context
+    assert "next-byte loss" in capsys.readouterr().out
+
+
 def test_train_four_bit_counters_and_their_resume_rules(tmp_path, run, capsys):
     out = tmp_path / "nib"
     assert main(["train", "--preset", "tiny", "--steps", "1", "--counter-bits", "4", "--flip-threshold", "6",
