@@ -1,6 +1,7 @@
 """Where a train step's time goes: the compiled ternary byte-path step split into its phases (objective
 forward, backward to the probe gradients, sign-vote update and counters), each timed with a device sync,
-then the kernels that fill it under ``torch.profiler``, next to the float twin's step in the same run.
+the whole step compiled and (CUDA) replayed as a CUDA graph, then the kernels that fill the step under
+``torch.profiler`` (the graphed step on CUDA), next to the float twin's step (likewise) in the same run.
 
     python -m benchmarks.profile_step [--device cuda] [--preset small] [--batch 16] [--context 256]
                                       [--rows 25] [--matmul-precision highest|high]
@@ -23,11 +24,12 @@ from torch.profiler import ProfilerActivity, profile
 from arbfn.compare import byte_path_config
 from arbfn.compiled import CompiledTrainStep
 from arbfn.config import Config, preset
+from arbfn.graphed import GraphedTrainStep
 from arbfn.ternary import make_probes
 from arbfn.train import apply_update
 from arbfn.twin import FloatTwin, twin_loss
 from benchmarks._timing import describe, format_table, sync_ms
-from benchmarks.train_step import ternary_state
+from benchmarks.train_step import captured, ternary_state
 
 
 def fresh_probes(state) -> Any:
@@ -64,27 +66,36 @@ def phase_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> tuple[li
     def whole() -> None:
         box["state"], _ = step(box["state"], ids)
 
-    rows = []
-    for name, fn in (("objective forward", forward), ("forward + backward", forward_backward),
-                     ("update (eager, all weights)", update), ("whole step", whole)):
-        rows.append([name, sync_ms(fn, device, warmup=2, reps=8)])
-    return rows, whole
+    graphed = GraphedTrainStep(cfg, step)
+
+    def whole_graphed() -> None:
+        box["state"], _ = graphed(box["state"], ids)
+
+    phases = [("objective forward", forward), ("forward + backward", forward_backward),
+              ("update (eager, all weights)", update), ("whole step, compiled", whole)]
+    if device.type == "cuda":
+        phases.append(("whole step, compiled, CUDA graph", whole_graphed))
+    rows = [[name, sync_ms(fn, device, warmup=2, reps=8)] for name, fn in phases]
+    return rows, phases[-1][1]
 
 
 def twin_step(cfg: Config, ids: torch.Tensor, device: torch.device) -> Callable[[], None]:
-    """One float-twin AdamW step under bf16 autocast, as benchmarks.train_step times it."""
+    """One float-twin AdamW step under bf16 autocast, as benchmarks.train_step times it: compiled, and on CUDA
+    replayed as a CUDA graph."""
     model = FloatTwin(cfg.model, torch.Generator().manual_seed(0)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    forward = torch.compile(model)
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=cuda, capturable=cuda)
+    autocast = torch.autocast(device.type, torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def run() -> None:
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not cuda)
         with autocast:
-            loss = twin_loss(model, ids)
+            loss = twin_loss(forward, ids)
         loss.backward()
         opt.step()
 
-    return run
+    return captured(run) if cuda else run
 
 
 def kernel_table(fn: Callable[[], None], device: torch.device, steps: int, rows: int) -> str:
@@ -119,11 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.randint(0, 256, (args.batch, args.context), generator=torch.Generator().manual_seed(0)).to(device)
     rows, whole = phase_rows(cfg, ids, device)
     twin = twin_step(cfg, ids, device)
-    rows.append(["float twin step (bf16 autocast + AdamW)", sync_ms(twin, device, warmup=2, reps=8)])
+    rows.append(["float twin step (bf16 autocast + AdamW, compiled" + (", CUDA graph)" if device.type == "cuda"
+                                                                        else ")"), sync_ms(twin, device, warmup=2, reps=8)])
     print(f"device: {describe(device)}; preset {args.preset} byte path; batch [{args.batch}, {args.context}]; "
           f"fp32 matmul precision {args.matmul_precision}")
     print(format_table(["phase", "ms"], rows))
-    print("\nternary step, compiled: kernels by self device time over", args.steps, "steps")
+    print(f"\nternary step ({rows[-2][0]}): kernels by self device time over", args.steps, "steps")
     print(kernel_table(whole, device, args.steps, args.rows))
     print("\nfloat twin step: kernels by self device time over", args.steps, "steps")
     print(kernel_table(twin, device, args.steps, args.rows))
