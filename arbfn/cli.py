@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from arbfn.config import COMPUTE_DTYPES
+
 
 def _device(name: str) -> torch.device:
     """``--device`` as a torch device: auto (the GPU if there is one), cpu, cuda or cuda:N; ValueError otherwise."""
@@ -92,8 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc != world:
         raise ValueError(f"--nproc {args.nproc} disagrees with the launcher's WORLD_SIZE {world}")
     state, cfg = checkpoint.load_run(args.resume) if args.resume else (None, preset(args.preset))
-    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("batch_size", args.batch_size))
-                 if v is not None}
+    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("batch_size", args.batch_size),
+                                   ("compute_dtype", args.compute_dtype)) if v is not None}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
     cfg = _with_update_flags(cfg, args, resuming=state is not None)
     distributed.check_batch_size(cfg.train.batch_size, world)
@@ -206,6 +208,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from arbfn.config import preset
 
     cfg = _with_update_flags(preset(args.preset), args, resuming=False)
+    if args.compute_dtype is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compute_dtype=args.compute_dtype))
     on_eval = None if args.json else lambda s, t, f: print(f"step {s}: ternary {t:.4f}  float {f:.4f} bits/byte",
                                                             file=sys.stderr)
     result = compare(cfg, data.load_corpus(args.corpus), args.steps, args.eval_every, args.lr, on_eval=on_eval,
@@ -225,6 +229,13 @@ def _add_counter_flags(p: argparse.ArgumentParser) -> None:
                    help="net votes per group exponent move (default: the preset's, 127; 1..127)")
 
 
+def _add_compute_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """--compute-dtype (TrainConfig.compute_dtype) on a subcommand that trains."""
+    p.add_argument("--compute-dtype", choices=tuple(COMPUTE_DTYPES),
+                   help="dtype of the ternary forward's activations while training (default float32; weights are "
+                        "exact in either, logits and loss stay fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     p = argparse.ArgumentParser(prog="arbfn", description="True-ternary ARB network: train, sample, audit.")
@@ -242,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flip-mode", choices=("counter", "stochastic"),
                    help="trit flips from int8 vote counters (default) or counter-free hashed coin flips (0.3 B/weight)")
     _add_counter_flags(t)
+    _add_compute_dtype_flag(t)
     t.add_argument("--step", choices=STEP_KINDS,
                    help="how each train step runs: eager (default), compiled (torch.compile, fixed-step halting loops), "
                         "or cuda-graph (compiled, then replayed as one CUDA graph: no per-op host overhead)")
@@ -295,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.add_argument("--device", default="cpu", help="cpu (default), cuda or auto: where both sides train")
     _add_counter_flags(c)
+    _add_compute_dtype_flag(c)
     c.set_defaults(fn=cmd_compare)
     return p
 

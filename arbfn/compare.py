@@ -96,7 +96,7 @@ def compare(cfg: Config, corpus: bytes, steps: int | None = None, eval_every: in
     return {
         "preset": cfg.name, "architecture": ARCHITECTURE, "model": dataclasses.asdict(cfg.model),
         "device": str(device), "steps": steps, "eval_every": eval_every, "batch_size": tc.batch_size,
-        "context": tc.context,
+        "context": tc.context, "ternary_compute_dtype": tc.compute_dtype,
         "eval_batches": len(eval_set), "update": dataclasses.asdict(cfg.update),
         "float_optimizer": f"AdamW lr {lr:g}, fp32, no weight decay",
         "bpb_ternary": bt, "bpb_float": bf, "ratio": bt / bf,
@@ -112,7 +112,8 @@ def format_table(result: dict[str, Any]) -> str:
     u = result["update"]
     mode = f"{u['flip_mode']} flips" + (f" ({u['counter_bits']}-bit counters)" if u["flip_mode"] == "counter" else "")
     lines = [result["architecture"], f"ternary sign votes: {mode}, flip threshold "
-             f"{u['flip_threshold']}, exponent threshold {u['exp_threshold']}; float twin: {result['float_optimizer']}",
+             f"{u['flip_threshold']}, exponent threshold {u['exp_threshold']}, "
+             f"{result.get('ternary_compute_dtype', 'float32')} activations; float twin: {result['float_optimizer']}",
              f"{'step':>6}  {'ternary bpb':>11}  {'float bpb':>9}"]
     lines += [f"{s:>6}  {t:>11.4f}  {f:>9.4f}" for s, t, f in zip(c["step"], c["ternary"], c["float"])]
     lines.append(f"after {result['steps']} steps: ternary {result['bpb_ternary']:.4f} / float "

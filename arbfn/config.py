@@ -10,7 +10,11 @@ import dataclasses
 import json
 from typing import Any
 
+import torch
+
 from arbfn.data import VOCAB_SIZE
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # TrainConfig.compute_dtype
 
 
 def _check_positive(obj: Any) -> None:
@@ -226,7 +230,13 @@ class UpdateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The training loop: batch shape, length, seed and held-out split."""
+    """The training loop: batch shape, length, seed, held-out split, and the dtype the forward computes in.
+
+    compute_dtype: "float32" (default) or "bfloat16": the residual stream's dtype in the train step's forward
+      (arbfn.model.forward ``dtype``; logits and the loss stay fp32). Every ternary weight is exact in bf16
+      (a trit times a power of two), so only activations round; bf16 halves activation traffic and runs the
+      matmuls and attention at bf16 tensor-core rates on a GPU (the float twin's autocast does the same).
+    """
 
     batch_size: int = 16
     context: int = 64
@@ -235,10 +245,18 @@ class TrainConfig:
     held_out_fraction: float = 0.1
     eval_batches: int = 8
     ponder_weight: float = 0.01  # weight of the ACT ponder cost (graph hops, MoE steps) in the loss
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.context < 2 or self.steps < 0:
             raise ValueError("TrainConfig needs batch_size >= 1, context >= 2 and steps >= 0")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """``compute_dtype`` as a torch dtype."""
+        return COMPUTE_DTYPES[self.compute_dtype]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,16 +157,19 @@ def _sequences(p: dict[str, Any], cfg: ModelConfig, batch: torch.Tensor,
 
 
 def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: bool = False,
-            features: dict[str, torch.Tensor] | None = None) -> ModelOutput:
+            features: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> ModelOutput:
     """Token ids [B, T] (+ sidecar ``features`` {"image": [B, P, d_image], "audio": [B, F, d_audio]}, each
     optional) -> :class:`ModelOutput`. ``carry`` continues the conversation memory of the previous segment;
-    ``fixed_loops`` runs every halting loop for its full step count (compile-friendly)."""
+    ``fixed_loops`` runs every halting loop for its full step count (compile-friendly); ``dtype`` (e.g. bf16)
+    casts the residual stream at its start, so the blocks compute in it (None: fp32). Logits and router
+    probabilities come out fp32 either way."""
     cfg, p = state.config, state.params
     check_batch(batch, cfg)
     check_features(features, cfg, batch.shape[0])
     aux: dict[str, torch.Tensor] = {}
     seqs = _sequences(p, cfg, batch, features or {})
     x = torch.cat(list(seqs.values()), dim=1)
+    x = x if dtype is None else x.to(dtype)
     for bp in p["blocks"]:
         x = block(bp, x, cfg.n_heads)
     if cfg.enable_memory:
@@ -177,7 +180,7 @@ def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: b
         spans = F.rms_norm(x, (cfg.d_model,)).split([s.shape[1] for s in seqs.values()], dim=1)
         b = bridge(p["bridge"], p["vq"], dict(zip(seqs, spans)), exact_limit=cfg.vq.exact_limit,
                    n_candidates=cfg.vq.n_candidates)
-        x = x + b.quantized
+        x = x + b.quantized.to(x.dtype)
         aux["vq_indices"], aux["commitment"] = b.indices, b.commitment
     if cfg.enable_graph:
         x, g_aux = graph(p["graph"], x, aux["vq_indices"], cfg.graph.max_hops, cfg.act_threshold, fixed=fixed_loops)
@@ -187,7 +190,7 @@ def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: b
                            dense_limit=cfg.moe.dense_limit)
         aux["moe_ponder"] = m_aux["ponder"]
     h = rmsnorm(p["norm"], x[:, x.shape[1] - batch.shape[1]:])
-    return ModelOutput(linear(p["head"], h), output_router(p["router"], h), h, carry, aux)
+    return ModelOutput(linear(p["head"], h).float(), output_router(p["router"], h).float(), h, carry, aux)
 
 
 def apply_model(state: State, batch: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ def objective(state: State, batch: Any, tc: TrainConfig, fixed_loops: bool = Fal
     ``fixed_loops`` runs the halting loops for their full step count (what a compiled step traces)."""
     b = as_batch(batch)
     features = {m: b[k] for k, m in FEATURE_KEYS.items() if k in b}
-    out = forward(state, b["bytes"], fixed_loops=fixed_loops, features=features)
+    out = forward(state, b["bytes"], fixed_loops=fixed_loops, features=features, dtype=tc.dtype)
     terms = {"byte_loss": byte_loss(out.logits, b["bytes"]),
              "router_loss": -torch.log(out.router[..., ROUTER_BYTE].clamp_min(1e-6)).mean()}
     if "commitment" in out.aux:
@@ -68,7 +68,8 @@ def objective(state: State, batch: Any, tc: TrainConfig, fixed_loops: bool = Fal
         terms["ponder"] = tc.ponder_weight * torch.stack([p.float() for p in ponder]).sum()
     p, heads = state.params, state.config.heads
     if "video_latent" in b:
-        terms["video_loss"] = video_loss(p["video"], out.hidden, b["video_latent"], b["video_noise"], b["video_step"])
+        cond = out.hidden.to(b["video_latent"].dtype)  # the denoiser attends from the latent's dtype
+        terms["video_loss"] = video_loss(p["video"], cond, b["video_latent"], b["video_noise"], b["video_step"])
     if "audio_tokens" in b:
         target = b["audio_tokens"]
         logits, _ = talker_head(p["talker"], out.hidden, heads.talker_stride, target.shape[1])

@@ -5,6 +5,7 @@ eager and under torch.compile), with peak device memory and the persistent state
 
     python -m benchmarks.train_step [--device cuda] [--preset small] [--batch 16] [--context 256]
                                     [--matmul-precision highest|high] [--layouts stochastic,nibble]
+                                    [--compute-dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from arbfn.audit import audit
 from arbfn.compare import byte_path_config
 from arbfn.compiled import CompiledTrainStep
 from arbfn.graphed import GraphedTrainStep
-from arbfn.config import Config, preset
+from arbfn.config import COMPUTE_DTYPES, Config, preset
 from arbfn.model import State, init_model
 from arbfn.ternary import to_device
 from arbfn.train import train_step
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
                     help="torch.set_float32_matmul_precision for the ternary step's fp32 matmuls ('high': TF32, "
                          "which holds every ternary weight exactly; the twin runs bf16 autocast either way)")
+    ap.add_argument("--compute-dtype", choices=tuple(COMPUTE_DTYPES), default="float32",
+                    help="the ternary step's activation dtype (TrainConfig.compute_dtype)")
     args = ap.parse_args(argv)
     torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     # as one graph (with graph breaks, torch 2.11's compiled objective lost aux["vq_indices"]: a KeyError)
     moe = dataclasses.replace(cfg.model.moe, dense_limit=max(cfg.model.moe.dense_limit, args.batch * args.context))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe),
-                              train=dataclasses.replace(cfg.train, batch_size=args.batch, context=args.context))
+                              train=dataclasses.replace(cfg.train, batch_size=args.batch, context=args.context,
+                                                        compute_dtype=args.compute_dtype))
     ids = torch.randint(0, 256, (args.batch, args.context), generator=torch.Generator().manual_seed(0)).to(device)
     rows = [] if args.skip_full else ternary_rows(cfg, "full model", ids, device)
     rows += ternary_rows(byte_path_config(cfg), "byte path", ids, device)
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
                              kinds=("compiled", "CUDA graph"))
     rows += twin_rows(cfg, ids, device)
     print(f"device: {describe(device)}; preset {args.preset}; batch [{args.batch}, {args.context}]; "
-          f"MoE dense dispatch up to {moe.dense_limit} tokens; fp32 matmul precision {args.matmul_precision}")
+          f"MoE dense dispatch up to {moe.dense_limit} tokens; fp32 matmul precision {args.matmul_precision}; "
+          f"ternary activations {args.compute_dtype}")
     print(format_table(["step", "ms", "tokens/s", "peak MB", "weights", "state B/weight"], rows))
 
 

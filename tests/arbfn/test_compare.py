@@ -191,3 +191,5 @@ def test_cli_compare_four_bit_counters(capsys, tmp_path):
     assert "exp_threshold must be in 1..127" in capsys.readouterr().err
     assert main([*args, "--counter-bits", "4"]) == 2
     assert "flip_threshold must be at most 7" in capsys.readouterr().err
+    assert main([*args, "--compute-dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ternary_compute_dtype"] == "bfloat16"
