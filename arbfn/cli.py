@@ -59,8 +59,8 @@ def _single_process_step(kind: str | None, cfg, state, device: torch.device):
 
 
 def _with_update_flags(cfg, args: argparse.Namespace, resuming: bool):
-    """``cfg`` with the update knobs given on the command line (--flip-mode where the subcommand has it,
-    --counter-bits, --flip-threshold, --exp-threshold). A resumed checkpoint keeps its flip mode and counter width: its state
+    """``cfg`` with the update knobs given on the command line (--flip-mode, --counter-bits, --flip-threshold,
+    --exp-threshold). A resumed checkpoint keeps its flip mode and counter width: its state
     layout belongs to them."""
     knobs = ("flip_mode", "counter_bits", "flip_threshold", "exp_threshold")
     given = {k: v for k, v in vars(args).items() if k in knobs and v is not None}
@@ -219,8 +219,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_counter_flags(p: argparse.ArgumentParser) -> None:
-    """--counter-bits, --flip-threshold and --exp-threshold (UpdateConfig's knobs) on a subcommand."""
+def _add_update_flags(p: argparse.ArgumentParser) -> None:
+    """--flip-mode, --counter-bits, --flip-threshold and --exp-threshold (UpdateConfig's knobs) on a subcommand."""
+    p.add_argument("--flip-mode", choices=("counter", "stochastic"),
+                   help="trit flips from int8 vote counters (default) or counter-free hashed coin flips (0.3 B/weight)")
     p.add_argument("--counter-bits", type=int, choices=(8, 4),
                    help="flip-counter width: int8 (default, 1 B/weight) or 4-bit nibbles, two per byte (0.5 B/weight; "
                         "needs --flip-threshold <= 7)")
@@ -250,9 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--corpus", help="a text file to train on instead of the embedded default")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--flip-mode", choices=("counter", "stochastic"),
-                   help="trit flips from int8 vote counters (default) or counter-free hashed coin flips (0.3 B/weight)")
-    _add_counter_flags(t)
+    _add_update_flags(t)
     _add_compute_dtype_flag(t)
     t.add_argument("--step", choices=STEP_KINDS,
                    help="how each train step runs: eager (default), compiled (torch.compile, fixed-step halting loops), "
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--corpus", help="a text file instead of the embedded default")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.add_argument("--device", default="cpu", help="cpu (default), cuda or auto: where both sides train")
-    _add_counter_flags(c)
+    _add_update_flags(c)
     _add_compute_dtype_flag(c)
     c.set_defaults(fn=cmd_compare)
     return p

@@ -193,3 +193,6 @@ def test_cli_compare_four_bit_counters(capsys, tmp_path):
     assert "flip_threshold must be at most 7" in capsys.readouterr().err
     assert main([*args, "--compute-dtype", "bfloat16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ternary_compute_dtype"] == "bfloat16"
+    assert main([*args, "--flip-mode", "stochastic", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["update"]["flip_mode"] == "stochastic" and result["bytes_per_weight"] < 0.35
