@@ -13,6 +13,8 @@ buffer, so that copy is one ``torch.cat`` in and one clone out, not one launch p
 path's state has 314 tensors); the returned tensors are views into their call's one buffer. One graph is captured per input structure
 (the pytree layout and every tensor's shape, dtype and device); the first call of a structure runs three
 warm-up steps first (compiles, cuBLAS workspaces, Triton autotuning happen there, outside the capture).
+Each graph keeps the memory of one step (its private pool, plus its flat input and output buffers) for as
+long as the GraphedTrainStep lives: about the peak of an uncaptured step (benchmarks/RESULTS.md).
 
 What a graph cannot do: run host work per step. So the step must be free of host syncs (the compiled
 objective with fixed-step halting loops is), the batch's id range is not checked per call (as in the compiled
