@@ -2,7 +2,7 @@
 
 The compiled step (arbfn/compiled.py) spends more host time than GPU time on the small preset: on an H200 its
 byte path issued 8 ms of kernels per step but took 48 ms, most of it launching custom ops and the per-weight
-update one by one (benchmarks/RESULTS.md, "Where the train step's time goes"). A CUDA graph records every
+update one by one (benchmarks/RESULTS.md, "Train step in one CUDA graph"). A CUDA graph records every
 launch of one step once (forward, backward, the sign-vote update of every weight, the counters) and replays
 them with a single host call.
 
@@ -10,9 +10,10 @@ The step stays a pure function of (state, batch): each call copies the state's a
 graph's static inputs, replays, and returns *copies* of the graph's outputs, so a caller may keep any earlier
 state (the next replay overwrites only the graph's own buffers). Inputs and outputs each sit in one flat byte
 buffer, so that copy is one ``torch.cat`` in and one clone out, not one launch per tensor (the small byte
-path's state has 314 tensors); the returned tensors are views into their call's one buffer. One graph is captured per input structure
-(the pytree layout and every tensor's shape, dtype and device); the first call of a structure runs three
-warm-up steps first (compiles, cuBLAS workspaces, Triton autotuning happen there, outside the capture).
+path's state has 314 tensors); the returned tensors are views into their call's one buffer. One graph is
+captured per input structure (the pytree layout and every tensor's shape, dtype and device); the first call
+of a structure runs three warm-up steps first (compiles, cuBLAS workspaces, Triton autotuning happen there,
+outside the capture).
 Each graph keeps the memory of one step (its private pool, plus its flat input and output buffers) for as
 long as the GraphedTrainStep lives: about the peak of an uncaptured step (benchmarks/RESULTS.md).
 
