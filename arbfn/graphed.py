@@ -38,14 +38,9 @@ Step = Callable[[State, Any], tuple[State, dict[str, torch.Tensor]]]
 WARMUP_STEPS = 3
 
 
-def _structure(tree: Any) -> tuple:
-    """A hashable key of ``tree``'s layout: its pytree spec and each tensor leaf's shape, dtype and device."""
-    leaves, spec = pytree.tree_flatten(tree)
+def _structure(leaves: list[Any], spec: pytree.TreeSpec) -> tuple:
+    """A hashable key of a flattened tree's layout: its spec and each tensor leaf's shape, dtype and device."""
     return str(spec), tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
-
-
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
 class FlatBytes:
@@ -101,8 +96,9 @@ class _Captured:
             self.out_layout = FlatBytes(outputs)
             self.flat_out = self.out_layout.gather(outputs)
 
-    def __call__(self, state: State, batch: Any) -> tuple[State, dict[str, torch.Tensor]]:
-        self.in_layout.gather(_tensors((state, batch)), out=self.flat_in)
+    def __call__(self, tensors: list[torch.Tensor]) -> tuple[State, dict[str, torch.Tensor]]:
+        """Replay on the tensor leaves of (state, batch), in pytree order."""
+        self.in_layout.gather(tensors, out=self.flat_in)
         self.graph.replay()
         fresh = self.out_layout.views(self.flat_out.clone())  # the next replay overwrites flat_out
         return pytree.tree_unflatten(_with_tensors(self.out_leaves, fresh), self.out_spec)
@@ -134,12 +130,14 @@ class GraphedTrainStep:
         if self.cfg.model.enable_moe and tokens > moe.dense_limit:
             raise ValueError(f"GraphedTrainStep needs the MoE's dense dispatch: the batch has {tokens} ids, above "
                              f"moe.dense_limit {moe.dense_limit} (the sparse dispatch's shapes depend on the data)")
-        devices = {t.device for t in _tensors((state, batch))}
+        leaves, spec = pytree.tree_flatten((state, batch))  # once per call: the key and the inputs both need it
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        devices = {t.device for t in tensors}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
             raise ValueError(f"GraphedTrainStep needs the state and the batch on one CUDA device, got "
                              f"{', '.join(sorted(map(str, devices))) or 'no tensors'}")
-        key = _structure((state, batch))
+        key = _structure(leaves, spec)
         if key not in self._graphs:
             with torch.cuda.device(next(iter(devices))):
                 self._graphs[key] = _Captured(self._step, state, batch)
-        return self._graphs[key](state, batch)
+        return self._graphs[key](tensors)
