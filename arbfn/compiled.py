@@ -31,7 +31,9 @@ class CompiledTrainStep:
 
     def __init__(self, cfg: Config, fullgraph: bool = True):
         self.cfg = cfg
-        self._objective = torch.compile(self._probed_objective, fullgraph=fullgraph)
+        self.objective = torch.compile(self._probed_objective, fullgraph=fullgraph)
+        """``objective(probes, state, batch) -> (loss, aux)``, compiled: the forward half of a step, on its own for
+        profiling (benchmarks/profile_step.py)."""
 
     def _probed_objective(self, probes: Any, state: State, batch: Any):
         probed = State(attach_probes(state.params, probes), state.step, state.config)
@@ -41,7 +43,7 @@ class CompiledTrainStep:
         if self.cfg.model != state.config:
             raise ValueError("CompiledTrainStep: the state's model config differs from the step's")
         probes = pytree.tree_map(lambda p: None if p is None else p.detach().requires_grad_(), make_probes(state.params))
-        loss, aux = self._objective(probes, state, batch)
+        loss, aux = self.objective(probes, state, batch)
         leaves, spec = pytree.tree_flatten(probes)
         live = [p for p in leaves if p is not None]
         got = iter(torch.autograd.grad(loss, live, allow_unused=True))

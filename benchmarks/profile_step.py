@@ -51,11 +51,11 @@ def phase_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> tuple[li
     box = {"state": ternary_state(cfg, device)}
 
     def forward() -> None:
-        step._objective(fresh_probes(box["state"]), box["state"], ids)
+        step.objective(fresh_probes(box["state"]), box["state"], ids)
 
     def forward_backward() -> Any:
         probes = fresh_probes(box["state"])
-        loss, _ = step._objective(probes, box["state"], ids)
+        loss, _ = step.objective(probes, box["state"], ids)
         return probe_grads(loss, probes)
 
     grads = forward_backward()
