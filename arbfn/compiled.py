@@ -42,7 +42,7 @@ class CompiledTrainStep:
     def __call__(self, state: State, batch: Any) -> tuple[State, dict[str, torch.Tensor]]:
         if self.cfg.model != state.config:
             raise ValueError("CompiledTrainStep: the state's model config differs from the step's")
-        probes = pytree.tree_map(lambda p: None if p is None else p.detach().requires_grad_(), make_probes(state.params))
+        probes = pytree.tree_map(lambda p: None if p is None else p.detach().requires_grad_(), make_probes(state.params, self.cfg.train.dtype))
         loss, aux = self.objective(probes, state, batch)
         leaves, spec = pytree.tree_flatten(probes)
         live = [p for p in leaves if p is not None]

@@ -233,9 +233,11 @@ class TrainConfig:
     """The training loop: batch shape, length, seed, held-out split, and the dtype the forward computes in.
 
     compute_dtype: "float32" (default) or "bfloat16": the residual stream's dtype in the train step's forward
-      (arbfn.model.forward ``dtype``; logits and the loss stay fp32). Every ternary weight is exact in bf16
-      (a trit times a power of two), so only activations round; bf16 halves activation traffic and runs the
-      matmuls and attention at bf16 tensor-core rates on a GPU (the float twin's autocast does the same).
+      (arbfn.model.forward ``dtype``; logits and the loss stay fp32), and the dtype of the probes, so the
+      weight-gradient signals come out in it too (2 bytes per weight instead of 4; the update reads only their
+      signs, which rounding to bf16 keeps). Every ternary weight is exact in bf16 (a trit times a power of two),
+      so only activations round; bf16 halves activation traffic and runs the matmuls and attention at bf16
+      tensor-core rates on a GPU (the float twin's autocast does the same).
     """
 
     batch_size: int = 16

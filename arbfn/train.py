@@ -3,8 +3,9 @@
 ``train_step(state, batch, cfg)`` differentiates the loss with ``torch.func.grad_and_value`` with
 respect to zero *probes* (one per trainable ternary weight; 0-stride, so free until autograd writes
 their gradient), then turns the gradient signs into integer votes (kernels/update.py). Ephemeral float
-memory: one dense fp32 gradient per weight matrix during the step (4 bytes per logical weight),
-released when the step returns; nothing float survives in the state.
+memory: one dense gradient per weight matrix during the step, in the compute dtype (fp32: 4 bytes per logical
+weight; bf16: 2, ``TrainConfig.compute_dtype``), released when the step returns; nothing float survives in the
+state.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _probed_objective(probes: Any, state: State, batch: Any, tc: TrainConfig):
 def gradient_signals(state: State, batch: Any, tc: TrainConfig | None = None) -> tuple[Any, torch.Tensor, dict]:
     """(dL/dW for every trainable ternary weight as a tree mirroring the params, loss, aux of the objective)."""
     tc = tc or TrainConfig()
-    leaves, spec = pytree.tree_flatten(make_probes(state.params))
+    leaves, spec = pytree.tree_flatten(make_probes(state.params, tc.dtype))
     live = [i for i, p in enumerate(leaves) if p is not None]  # untrainable weights have no probe
 
     def loss_of(live_probes: list[torch.Tensor]):

@@ -32,9 +32,10 @@ from benchmarks._timing import describe, format_table, sync_ms
 from benchmarks.train_step import captured, ternary_state
 
 
-def fresh_probes(state) -> Any:
-    """Zero probe leaves that require grad, as CompiledTrainStep makes them."""
-    return pytree.tree_map(lambda p: None if p is None else p.detach().requires_grad_(), make_probes(state.params))
+def fresh_probes(state, dtype: torch.dtype) -> Any:
+    """Zero probe leaves of ``dtype`` that require grad, as CompiledTrainStep makes them."""
+    return pytree.tree_map(lambda p: None if p is None else p.detach().requires_grad_(),
+                           make_probes(state.params, dtype))
 
 
 def probe_grads(loss: torch.Tensor, probes: Any) -> Any:
@@ -51,10 +52,10 @@ def phase_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> tuple[li
     box = {"state": ternary_state(cfg, device)}
 
     def forward() -> None:
-        step.objective(fresh_probes(box["state"]), box["state"], ids)
+        step.objective(fresh_probes(box["state"], cfg.train.dtype), box["state"], ids)
 
     def forward_backward() -> Any:
-        probes = fresh_probes(box["state"])
+        probes = fresh_probes(box["state"], cfg.train.dtype)
         loss, _ = step.objective(probes, box["state"], ids)
         return probe_grads(loss, probes)
 
