@@ -41,7 +41,7 @@ def _single_process_step(kind: str | None, cfg, state, device: torch.device):
     """(cfg, state, step_fn) for ``arbfn train --step``: the eager step, the compiled one, or the compiled one
     replayed as a CUDA graph. The last two need fixed shapes, so an MoE takes its dense dispatch for the whole
     batch (``moe.dense_limit`` raised to the batch's tokens: the same result, SYSTEM.md "MoE")."""
-    from arbfn.compiled import CompiledTrainStep
+    from arbfn.compiled import CompiledTrainStep, with_dense_moe
     from arbfn.graphed import GraphedTrainStep
     from arbfn.model import State
     from arbfn.train import train_step
@@ -50,9 +50,7 @@ def _single_process_step(kind: str | None, cfg, state, device: torch.device):
         return cfg, state, train_step
     if kind == "cuda-graph" and device.type != "cuda":
         raise ValueError(f"--step cuda-graph needs a CUDA device, got {device}")
-    tokens = cfg.train.batch_size * cfg.train.context
-    moe = dataclasses.replace(cfg.model.moe, dense_limit=max(cfg.model.moe.dense_limit, tokens))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
+    cfg = with_dense_moe(cfg, cfg.train.batch_size * cfg.train.context)
     state = State(state.params, state.step, cfg.model)
     step = CompiledTrainStep(cfg) if kind == "compiled" else GraphedTrainStep(cfg)
     return cfg, state, lambda s, batch, _cfg: step(s, batch)

@@ -25,7 +25,7 @@ whose shapes do not depend on the data. CUDA only.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
@@ -36,6 +36,22 @@ from arbfn.objective import as_batch
 
 Step = Callable[[State, Any], tuple[State, dict[str, torch.Tensor]]]
 WARMUP_STEPS = 3
+T = TypeVar("T")
+
+
+def capture(fn: Callable[[], T], warmup: int = WARMUP_STEPS) -> tuple[torch.cuda.CUDAGraph, T]:
+    """(graph, what ``fn`` returned while captured): ``fn`` run ``warmup`` times on a side stream (compiles,
+    workspaces and autotuning happen there), then recorded once. Replaying the graph reruns ``fn``'s kernels."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
 
 
 def _structure(leaves: list[Any], spec: pytree.TreeSpec) -> tuple:
@@ -83,18 +99,14 @@ class _Captured:
         self.in_layout = FlatBytes(tensors)
         self.flat_in = self.in_layout.gather(tensors)
         inputs = pytree.tree_unflatten(_with_tensors(leaves, self.in_layout.views(self.flat_in)), spec)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                step(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out_leaves, self.out_spec = pytree.tree_flatten(step(*inputs))
-            outputs = [x for x in self.out_leaves if isinstance(x, torch.Tensor)]
-            self.out_layout = FlatBytes(outputs)
-            self.flat_out = self.out_layout.gather(outputs)
+
+        def step_into_flat() -> tuple[list[Any], pytree.TreeSpec, FlatBytes, torch.Tensor]:
+            out_leaves, out_spec = pytree.tree_flatten(step(*inputs))
+            outputs = [x for x in out_leaves if isinstance(x, torch.Tensor)]
+            layout = FlatBytes(outputs)
+            return out_leaves, out_spec, layout, layout.gather(outputs)
+
+        self.graph, (self.out_leaves, self.out_spec, self.out_layout, self.flat_out) = capture(step_into_flat)
 
     def __call__(self, tensors: list[torch.Tensor]) -> tuple[State, dict[str, torch.Tensor]]:
         """Replay on the tensor leaves of (state, batch), in pytree order."""

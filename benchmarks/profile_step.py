@@ -5,6 +5,7 @@ the whole step compiled and (CUDA) replayed as a CUDA graph, then the kernels th
 
     python -m benchmarks.profile_step [--device cuda] [--preset small] [--batch 16] [--context 256]
                                       [--rows 25] [--matmul-precision highest|high]
+                                      [--compute-dtype float32|bfloat16]
 
 The phase times are host medians with a sync after each phase, so they add launch gaps that the whole step
 may overlap; the profiler tables list device time per kernel name over ``--steps`` profiled steps.
@@ -13,37 +14,18 @@ may overlap; the profiler tables list device time per kernel name over ``--steps
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 from typing import Any, Callable
 
 import torch
-import torch.utils._pytree as pytree
 from torch.profiler import ProfilerActivity, profile
 
 from arbfn.compare import byte_path_config
 from arbfn.compiled import CompiledTrainStep
-from arbfn.config import Config, preset
+from arbfn.config import Config
 from arbfn.graphed import GraphedTrainStep
-from arbfn.ternary import make_probes
 from arbfn.train import apply_update
-from arbfn.twin import FloatTwin, twin_loss
 from benchmarks._timing import describe, format_table, sync_ms
-from benchmarks.train_step import captured, ternary_state
-
-
-def fresh_probes(state, dtype: torch.dtype) -> Any:
-    """Zero probe leaves of ``dtype`` that require grad, as CompiledTrainStep makes them."""
-    return pytree.tree_map(lambda p: None if p is None else p.detach().requires_grad_(),
-                           make_probes(state.params, dtype))
-
-
-def probe_grads(loss: torch.Tensor, probes: Any) -> Any:
-    """The gradient tree of ``loss`` with respect to the live ``probes``."""
-    leaves, spec = pytree.tree_flatten(probes)
-    live = [p for p in leaves if p is not None]
-    got = iter(torch.autograd.grad(loss, live, allow_unused=True))
-    return pytree.tree_unflatten([None if p is None else next(got) for p in leaves], spec)
+from benchmarks.train_step import add_step_arguments, step_setup, ternary_state, twin_step
 
 
 def phase_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> tuple[list[list], Callable[[], None]]:
@@ -52,12 +34,12 @@ def phase_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> tuple[li
     box = {"state": ternary_state(cfg, device)}
 
     def forward() -> None:
-        step.objective(fresh_probes(box["state"], cfg.train.dtype), box["state"], ids)
+        step.objective(step.probes(box["state"]), box["state"], ids)
 
     def forward_backward() -> Any:
-        probes = fresh_probes(box["state"], cfg.train.dtype)
+        probes = step.probes(box["state"])
         loss, _ = step.objective(probes, box["state"], ids)
-        return probe_grads(loss, probes)
+        return step.probe_gradients(loss, probes)
 
     grads = forward_backward()
 
@@ -80,25 +62,6 @@ def phase_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> tuple[li
     return rows, phases[-1][1]
 
 
-def twin_step(cfg: Config, ids: torch.Tensor, device: torch.device) -> Callable[[], None]:
-    """One float-twin AdamW step under bf16 autocast, as benchmarks.train_step times it: compiled, and on CUDA
-    replayed as a CUDA graph."""
-    model = FloatTwin(cfg.model, torch.Generator().manual_seed(0)).to(device)
-    forward = torch.compile(model)
-    cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=cuda, capturable=cuda)
-    autocast = torch.autocast(device.type, torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    def run() -> None:
-        opt.zero_grad(set_to_none=not cuda)
-        with autocast:
-            loss = twin_loss(forward, ids)
-        loss.backward()
-        opt.step()
-
-    return captured(run) if cuda else run
-
-
 def kernel_table(fn: Callable[[], None], device: torch.device, steps: int, rows: int) -> str:
     """The profiler's per-name table of ``steps`` calls of ``fn`` (after two warm-up calls), by self device time."""
     fn()
@@ -115,26 +78,18 @@ def kernel_table(fn: Callable[[], None], device: torch.device, steps: int, rows:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--context", type=int, default=256)
+    add_step_arguments(ap)
     ap.add_argument("--steps", type=int, default=3, help="profiled steps per table")
     ap.add_argument("--rows", type=int, default=25, help="kernel names per table")
-    ap.add_argument("--matmul-precision", choices=("highest", "high"), default="highest")
     args = ap.parse_args(argv)
-    torch.set_float32_matmul_precision(args.matmul_precision)
-    device = torch.device(args.device)
-    cfg = preset(args.preset)
-    cfg = byte_path_config(dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, batch_size=args.batch, context=args.context)))
-    ids = torch.randint(0, 256, (args.batch, args.context), generator=torch.Generator().manual_seed(0)).to(device)
+    cfg, ids, device = step_setup(args)
+    cfg = byte_path_config(cfg)
     rows, whole = phase_rows(cfg, ids, device)
-    twin = twin_step(cfg, ids, device)
-    rows.append(["float twin step (bf16 autocast + AdamW, compiled" + (", CUDA graph)" if device.type == "cuda"
-                                                                        else ")"), sync_ms(twin, device, warmup=2, reps=8)])
+    twin_kind = "CUDA graph" if device.type == "cuda" else "compiled"
+    twin, _ = twin_step(cfg, ids, device, twin_kind)
+    rows.append([f"float twin step (bf16 autocast + AdamW, {twin_kind})", sync_ms(twin, device, warmup=2, reps=8)])
     print(f"device: {describe(device)}; preset {args.preset} byte path; batch [{args.batch}, {args.context}]; "
-          f"fp32 matmul precision {args.matmul_precision}")
+          f"fp32 matmul precision {args.matmul_precision}; ternary activations {args.compute_dtype}")
     print(format_table(["phase", "ms"], rows))
     print(f"\nternary step ({rows[-2][0]}): kernels by self device time over", args.steps, "steps")
     print(kernel_table(whole, device, args.steps, args.rows))

@@ -16,12 +16,13 @@ import contextlib
 from typing import Callable
 
 import torch
+from torch import nn
 
 from arbfn.audit import audit
 from arbfn.compare import byte_path_config
-from arbfn.compiled import CompiledTrainStep
-from arbfn.graphed import GraphedTrainStep
+from arbfn.compiled import CompiledTrainStep, with_dense_moe
 from arbfn.config import COMPUTE_DTYPES, Config, preset
+from arbfn.graphed import GraphedTrainStep, capture
 from arbfn.model import State, init_model
 from arbfn.ternary import to_device
 from arbfn.train import train_step
@@ -63,45 +64,41 @@ def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.devic
     return rows
 
 
+TWIN_KINDS = ("eager", "compiled", "CUDA graph")
+
+
+def twin_step(cfg: Config, ids: torch.Tensor, device: torch.device, kind: str
+              ) -> tuple[Callable[[], None], nn.Module]:
+    """(one float-twin AdamW step under bf16 autocast on ``ids``, the twin): ``kind`` is eager, compiled (the model
+    under ``torch.compile``) or CUDA graph (that whole compiled step, AdamW included, captured: CUDA only)."""
+    model = FloatTwin(cfg.model, torch.Generator().manual_seed(0)).to(device)
+    forward = model if kind == "eager" else torch.compile(model)
+    graphed = kind == "CUDA graph"
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda", capturable=graphed)
+    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=not graphed)  # a graph's gradients stay in its own buffers
+        with autocast:
+            loss = twin_loss(forward, ids)
+        loss.backward()
+        opt.step()
+
+    return (capture(run)[0].replay if graphed else run), model
+
+
 def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> list[list]:
-    """The float twin's AdamW step under bf16 autocast (fp32 master weights: what a user would run): eager, with
-    the model under ``torch.compile``, and (CUDA) that whole compiled step, AdamW included, in one CUDA graph."""
+    """The float twin's step (fp32 master weights: what a user would run) of every kind in ``TWIN_KINDS`` the
+    device runs (no CUDA graph on CPU)."""
     rows = []
-    kinds = ("eager", "compiled", "CUDA graph") if device.type == "cuda" else ("eager", "compiled")
-    for kind in kinds:
-        model = FloatTwin(cfg.model, torch.Generator().manual_seed(0)).to(device)
-        forward = model if kind == "eager" else torch.compile(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda",
-                                capturable=kind == "CUDA graph")
+    for kind in TWIN_KINDS if device.type == "cuda" else TWIN_KINDS[:2]:
+        run, model = twin_step(cfg, ids, device, kind)
         n = sum(p.numel() for p in model.parameters())
         state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())  # weights + 2 Adam moments
-        autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-        def run() -> None:
-            opt.zero_grad(set_to_none=kind != "CUDA graph")  # a graph's gradients stay in its own buffers
-            with autocast:
-                loss = twin_loss(forward, ids)
-            loss.backward()
-            opt.step()
-
-        ms, peak = measure(captured(run) if kind == "CUDA graph" else run, device)
+        ms, peak = measure(run, device)
         rows.append([f"float twin byte path, bf16 autocast + AdamW, {kind}", ms, ids.numel() / ms * 1e3, peak, n,
                      f"{state_bytes / n:.3f}"])
     return rows
-
-
-def captured(fn: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
-    """``fn`` captured as a CUDA graph after ``warmup`` calls on a side stream; returns the graph's replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 LAYOUTS = {"stochastic": dict(flip_mode="stochastic"), "nibble": dict(counter_bits=4, flip_threshold=7)}
@@ -114,32 +111,42 @@ def with_layout(cfg: Config, layout: str) -> Config:
     return dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, **LAYOUTS[layout]))
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every train-step benchmark takes: device, preset, batch shape, matmul precision, compute dtype."""
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--skip-full", action="store_true", help="byte path only")
-    ap.add_argument("--layouts", default="",
-                    help="comma list of extra byte-path update layouts to time compiled: 'stochastic' (no flip "
-                         "counters), 'nibble' (4-bit counters, flip threshold 7)")
     ap.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
                     help="torch.set_float32_matmul_precision for the ternary step's fp32 matmuls ('high': TF32, "
                          "which holds every ternary weight exactly; the twin runs bf16 autocast either way)")
     ap.add_argument("--compute-dtype", choices=tuple(COMPUTE_DTYPES), default="float32",
                     help="the ternary step's activation dtype (TrainConfig.compute_dtype)")
-    args = ap.parse_args(argv)
+
+
+def step_setup(args: argparse.Namespace) -> tuple[Config, torch.Tensor, torch.device]:
+    """(config, random byte batch, device) of :func:`add_step_arguments`' options; sets the matmul precision. The
+    MoE takes its dense dispatch for the whole batch: only that one compiles as one graph (with graph breaks,
+    torch 2.11's compiled objective lost aux["vq_indices"]: a KeyError)."""
     torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     cfg = preset(args.preset)
-    # dense MoE dispatch at this batch: the sparse one has data-dependent shapes, so only the dense one compiles
-    # as one graph (with graph breaks, torch 2.11's compiled objective lost aux["vq_indices"]: a KeyError)
-    moe = dataclasses.replace(cfg.model.moe, dense_limit=max(cfg.model.moe.dense_limit, args.batch * args.context))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe),
-                              train=dataclasses.replace(cfg.train, batch_size=args.batch, context=args.context,
-                                                        compute_dtype=args.compute_dtype))
+    cfg = with_dense_moe(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, batch_size=args.batch, context=args.context, compute_dtype=args.compute_dtype)),
+        args.batch * args.context)
     ids = torch.randint(0, 256, (args.batch, args.context), generator=torch.Generator().manual_seed(0)).to(device)
+    return cfg, ids, device
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_step_arguments(ap)
+    ap.add_argument("--skip-full", action="store_true", help="byte path only")
+    ap.add_argument("--layouts", default="",
+                    help="comma list of extra byte-path update layouts to time compiled: 'stochastic' (no flip "
+                         "counters), 'nibble' (4-bit counters, flip threshold 7)")
+    args = ap.parse_args(argv)
+    cfg, ids, device = step_setup(args)
     rows = [] if args.skip_full else ternary_rows(cfg, "full model", ids, device)
     rows += ternary_rows(byte_path_config(cfg), "byte path", ids, device)
     for layout in filter(None, args.layouts.split(",")):
@@ -147,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                              kinds=("compiled", "CUDA graph"))
     rows += twin_rows(cfg, ids, device)
     print(f"device: {describe(device)}; preset {args.preset}; batch [{args.batch}, {args.context}]; "
-          f"MoE dense dispatch up to {moe.dense_limit} tokens; fp32 matmul precision {args.matmul_precision}; "
-          f"ternary activations {args.compute_dtype}")
+          f"MoE dense dispatch up to {cfg.model.moe.dense_limit} tokens; "
+          f"fp32 matmul precision {args.matmul_precision}; ternary activations {args.compute_dtype}")
     print(format_table(["step", "ms", "tokens/s", "peak MB", "weights", "state B/weight"], rows))
 
 
