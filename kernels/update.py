@@ -43,9 +43,9 @@ int32, hashes in int64:
 * flips = number of trits changed; exp_moves = number of exponents changed.
 
 CUDA runs two Triton kernels per op over flattened indices (exponent: a block of (row, group) pairs per
-program; flip: a block of (row, span) pairs per program, a span being one packed byte (5 digits), or two
-for 4-bit counters (10 digits, whose counters fill 5 whole bytes, so no byte is shared between lanes)),
-each writing a per-program int32 count that torch sums to int64 (deterministic, no atomics). Nibbles are
+program; flip: a block of (row, span) pairs per program, a span being two packed bytes: 10 columns, whose
+4-bit counters fill 5 whole bytes, so no byte is shared between programs; its tile size is autotuned per
+shape), each writing a per-program int32 count that torch sums to int64 (deterministic, no atomics). Nibbles are
 loaded as bytes, widened to int32 at once and taken apart there (the interpreter's uint8 bit twiddling is
 unreliable, DESIGN.md §7). Offsets are int32, so N * k must stay below 2**31. CPU runs the pure-torch
 reference, which is also the tests' oracle.
@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import cdiv, check_launchable, trit_of
+from kernels._triton import autotuned, cdiv, check_launchable, trit_of
 from kernels.packing import check_group_size, n_groups, pack_reference, packed_width, unpack_reference
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -302,66 +302,73 @@ def _exp_update_kernel(packed_ptr, exp_ptr, e_accum_ptr, grad_ptr, new_exp_ptr, 
     tl.store(count_ptr + pid, tl.sum(tl.where(qmask, inc + dec, 0), axis=0))
 
 
+_FLIP_CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w) for bs, w in ((128, 4), (64, 4), (256, 8), (128, 8))]
+
+
+@triton.jit
+def _pow3_of(d):
+    """3**d for digits d in 0..4 (int32 tensor): a packed byte's place values."""
+    return tl.where(d < 2, 1 + 2 * d, tl.where(d == 2, 9, tl.where(d == 3, 27, 81)))
+
+
+@autotuned(_FLIP_CONFIGS, key=["NQ", "K"], reset_to_zero=["count_ptr"])  # a larger tile writes fewer counts
 @triton.jit(do_not_specialize=["NQ", "K", "KB", "KT", "QB", "TH"])  # sizes vary per call: one compile per mode
 def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new_t_accum_ptr, count_ptr,
-                 NQ, K, KB, KT, QB, TH, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, STOCHASTIC: tl.constexpr,
-                 NIBBLES: tl.constexpr):
+                 NQ, K, KB, KT, QB, TH, BLOCK_S: tl.constexpr, STOCHASTIC: tl.constexpr, NIBBLES: tl.constexpr):
     """Counter flips (t_accum in and out, KT bytes per row: int8, or with NIBBLES 4-bit pairs; key unused), or
-    with STOCHASTIC hashed flips where a draw is below TH (the cutoff; t_accum pointers unused). A lane takes
-    SPAN packed bytes of a row (QB spans per row): 2 with NIBBLES, so its 10 counters fill 5 whole bytes."""
+    with STOCHASTIC hashed flips where a draw is below TH (the cutoff; t_accum pointers unused).
+
+    A program takes BLOCK_S spans of two packed bytes (10 columns; QB spans per row) as a [BLOCK_S, 8, 2] tile
+    whose digit d = 2p + r (valid below 10) is column 10 * span + d: gradients and int8 counters load and store
+    contiguously along a row, a 4-bit counter byte is the pair (p, r = 0..1), and each new packed byte is one
+    masked sum over the tile's digits of that byte."""
     pid = tl.program_id(0)
-    q = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # flat (row, span) index over N * QB
+    q = pid * BLOCK_S + tl.arange(0, BLOCK_S)  # flat (row, span) index over N * QB
     qmask = q < NQ
     row, span = q // QB, q % QB
-    flips = tl.zeros((BLOCK_B,), tl.int32)
+    p2 = tl.arange(0, 8)[None, :]  # [1, 8]: a pair of digits
+    p = p2[:, :, None]
+    r = tl.arange(0, 2)[None, None, :]
+    d = 2 * p + r  # [1, 8, 2]: digit of the span
+    cols = span[:, None, None] * 10 + d
+    mask = qmask[:, None, None] & (d < 10) & (cols < K)
+    rows3 = row[:, None, None]
+    offs = rows3 * K + cols
+    byte = tl.load(packed_ptr + rows3 * KB + cols // 5, mask=mask, other=121).to(tl.int32)
+    t = trit_of(byte, cols)
+    s = _sign_of(grad_ptr, offs, mask)
     if STOCHASTIC:
-        key = tl.load(key_ptr)
-    for i in tl.static_range(5 * SPAN):
-        if i % 5 == 0:  # the next packed byte of the span
-            bcol = span * SPAN + i // 5
-            bmask = qmask & (bcol < KB)
-            byte = tl.load(packed_ptr + row * KB + bcol, mask=bmask, other=121).to(tl.int32)
-            new_byte = tl.zeros((BLOCK_B,), tl.int32)
-            weight = 1
-        cols = bcol * 5 + i % 5
-        mask = qmask & (cols < K)
-        offs = row * K + cols
-        t = trit_of(byte, cols)
-        s = _sign_of(grad_ptr, offs, mask)
-        if STOCHASTIC:
-            go = _draw(key, offs) < TH
-            up = (go & (s < 0) & (t < 1)).to(tl.int32)
-            down = (go & (s > 0) & (t > -1)).to(tl.int32)
+        go = _draw(tl.load(key_ptr), offs) < TH
+        up = (go & (s < 0) & (t < 1)).to(tl.int32)
+        down = (go & (s > 0) & (t > -1)).to(tl.int32)
+    else:
+        if NIBBLES:  # counter byte span * 5 + p of the row holds columns 2p, 2p + 1 of the span
+            hcol = span[:, None] * 5 + p2
+            hoffs = row[:, None] * KT + hcol
+            hmask = qmask[:, None] & (p2 < 5) & (hcol < KT)
+            pair = tl.load(t_accum_ptr + hoffs, mask=hmask, other=0).to(tl.int32)  # widened before any bit op
+            nib = (pair[:, :, None] >> (4 * r)) & 15
+            a = tl.where(mask, nib - ((nib >> 3) << 4), 0) - s
         else:
-            if NIBBLES:
-                if i % 2 == 0:  # the counter byte of columns cols, cols + 1, widened to int32 before any bit op
-                    hoffs = row * KT + span * 5 + i // 2
-                    hmask = qmask & (span * 5 + i // 2 < KT)
-                    pair = tl.load(t_accum_ptr + hoffs, mask=hmask, other=0).to(tl.int32)
-                nib = (pair >> (4 * (i % 2))) & 15
-                a = tl.where(mask, nib - ((nib >> 3) << 4), 0) - s
-            else:
-                a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
-            a = tl.minimum(tl.maximum(a, -TH), TH)
-            up = ((a >= TH) & (t < 1)).to(tl.int32)
-            down = ((a <= -TH) & (t > -1)).to(tl.int32)
-            a = tl.where(up + down > 0, 0, a)
-            if NIBBLES:
-                if i % 2 == 0:
-                    new_pair = a & 15
-                else:  # both nibbles known: store the byte (a padding nibble is 0: its a is 0)
-                    tl.store(new_t_accum_ptr + hoffs, (new_pair | ((a & 15) << 4)).to(tl.uint8), mask=hmask)
-            else:
-                tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
-        new_byte += tl.where(mask, t + up - down + 1, 1) * weight
-        flips += tl.where(mask, up + down, 0)
-        weight *= 3
-        if i % 5 == 4:
-            tl.store(new_packed_ptr + row * KB + bcol, new_byte.to(tl.uint8), mask=bmask)
+            a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
+        a = tl.minimum(tl.maximum(a, -TH), TH)
+        up = ((a >= TH) & (t < 1)).to(tl.int32)
+        down = ((a <= -TH) & (t > -1)).to(tl.int32)
+        a = tl.where(up + down > 0, 0, a)
+        if NIBBLES:  # a padding column's a is 0, so its nibble is written 0
+            tl.store(new_t_accum_ptr + hoffs, tl.sum((a & 15) << (4 * r), axis=2).to(tl.uint8), mask=hmask)
+        else:
+            tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
+    place = tl.where(mask, t + up - down + 1, 1) * _pow3_of(d % 5)  # padding trits are written as zero (digit 1)
+    first = tl.sum(tl.sum(tl.where(d < 5, place, 0), axis=2), axis=1)
+    second = tl.sum(tl.sum(tl.where((d >= 5) & (d < 10), place, 0), axis=2), axis=1)
+    b0 = span * 2
+    tl.store(new_packed_ptr + row * KB + b0, first.to(tl.uint8), mask=qmask & (b0 < KB))
+    tl.store(new_packed_ptr + row * KB + b0 + 1, second.to(tl.uint8), mask=qmask & (b0 + 1 < KB))
+    flips = tl.sum(tl.sum(tl.where(mask, up + down, 0), axis=2), axis=1)
     tl.store(count_ptr + pid, tl.sum(flips, axis=0))
 
 
-_FLIP_BLOCK = 1024  # packed bytes per flip program
 _EXP_TILE = 4096  # elements per exponent program (BLOCK_Q * GS_P2)
 
 
@@ -382,14 +389,14 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
     exp_counts = torch.empty(cdiv(n * g, block_q), dtype=torch.int32, device=packed.device)
     _exp_update_kernel[(exp_counts.numel(),)](packed, exp, e_accum, grad, new_exp, new_e_accum, exp_counts, n * g,
                                               k, kb, g, exp_threshold, GS=group_size, GS_P2=gs_p2, BLOCK_Q=block_q)
-    nibbles = key is None and counter_bits == 4
-    span = 2 if nibbles else 1
-    qb = cdiv(kb, span)
-    block_b = min(_FLIP_BLOCK // span, triton.next_power_of_2(n * qb))
-    flip_counts = torch.empty(cdiv(n * qb, block_b), dtype=torch.int32, device=packed.device)
-    _flip_kernel[(flip_counts.numel(),)](packed, t_accum, grad, key, new_packed, new_t_accum, flip_counts, n * qb, k,
-                                         kb, counter_layout(k, counter_bits)[1], qb, flip_cut, BLOCK_B=block_b,
-                                         SPAN=span, STOCHASTIC=key is not None, NIBBLES=nibbles)
+    qb = cdiv(kb, 2)  # spans of two packed bytes per row
+    # one count per program of the smallest tile any config uses; programs of a larger tile leave the rest 0
+    flip_counts = torch.zeros(cdiv(n * qb, min(c.kwargs["BLOCK_S"] for c in _FLIP_CONFIGS)), dtype=torch.int32,
+                              device=packed.device)
+    _flip_kernel[lambda m: (cdiv(n * qb, m["BLOCK_S"]),)](
+        packed, t_accum, grad, key, new_packed, new_t_accum, flip_counts, n * qb, k, kb,
+        counter_layout(k, counter_bits)[1], qb, flip_cut, STOCHASTIC=key is not None,
+        NIBBLES=key is None and counter_bits == 4)
     return (new_packed, new_exp, new_t_accum, new_e_accum,
             flip_counts.sum(dtype=torch.int64), exp_counts.sum(dtype=torch.int64))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import update
 from kernels._triton import cdiv
 from kernels.embedding import _embedding_fwd_kernel, embedding_fwd_reference
 from kernels.linear import _decode_kernel, _linear_gemv_kernel, gemv_slots, gemv_splits
@@ -66,3 +67,37 @@ def test_every_embedding_config_is_exact(kernel_device, n, k, gs):
         launch(_embedding_fwd_kernel, config, lambda m: (cdiv(37, m["BLOCK_R"]), cdiv(k, m["BLOCK_D"])),
                ids, p, e, out, 37, k, packed_width(k), n_groups(k, gs), GS=gs)
         assert torch.equal(out.cpu(), ref), config
+
+
+@pytest.mark.parametrize("mode", ["counter", "nibble", "stochastic"])
+@pytest.mark.parametrize("n,k", [(7, 133), (3, 1031)])
+def test_every_flip_config_matches_reference(kernel_device, mode, n, k):
+    """The flip kernel's trits, counters and flip count at every tile config, in each of its three modes."""
+    g = torch.Generator().manual_seed(k + 3)
+    gs, th = 32, 3
+    packed = pack_reference(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
+    grad = torch.randn((n, k), generator=g).masked_fill(torch.rand((n, k), generator=g) < 0.1, 0.0)
+    exp = e_acc = torch.zeros((n, n_groups(k, gs)), dtype=torch.int8)  # the exponent rule is not under test here
+    counters = torch.randint(1 - th, th, (n, k), generator=g, dtype=torch.int8)
+    step = torch.tensor(5, dtype=torch.int64)
+    if mode == "stochastic":
+        ref_packed, _, _, ref_flips, _ = update.ternary_update_stochastic_reference(
+            packed, exp, e_acc, grad, step, k, gs, th, 1, 7)
+        t_acc, ref_t, key, cut = None, None, update.step_key(step, 7).to(kernel_device), update.flip_cutoff(th)
+    else:
+        t_acc = update.pack_nibbles(counters) if mode == "nibble" else counters
+        ref_packed, _, ref_t, _, ref_flips, _ = update.ternary_update_reference(
+            packed, exp, t_acc, e_acc, grad, k, gs, th, 1, counter_bits=4 if mode == "nibble" else 8)
+        t_acc, key, cut = t_acc.to(kernel_device), None, th
+    kb, qb = packed_width(k), cdiv(packed_width(k), 2)
+    kt = t_acc.shape[1] if t_acc is not None else k
+    for config in update._flip_kernel.configs:
+        new_packed = torch.full_like(packed, 255, device=kernel_device)
+        new_t = None if t_acc is None else torch.full_like(t_acc, 99)
+        counts = torch.zeros(cdiv(n * qb, config.kwargs["BLOCK_S"]), dtype=torch.int32, device=kernel_device)
+        launch(update._flip_kernel, config, lambda m: (cdiv(n * qb, m["BLOCK_S"]),), packed.to(kernel_device), t_acc,
+               grad.to(kernel_device), key, new_packed, new_t, counts, n * qb, k, kb, kt, qb, cut,
+               STOCHASTIC=mode == "stochastic", NIBBLES=mode == "nibble")
+        assert torch.equal(new_packed.cpu(), ref_packed), config
+        assert new_t is None or torch.equal(new_t.cpu(), ref_t), config
+        assert int(counts.sum()) == int(ref_flips), config
