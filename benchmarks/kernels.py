@@ -76,13 +76,15 @@ def linear_rows(device: torch.device, shapes: list[tuple[int, int]], ms: list[in
 
 
 def bandwidth_rows(device: torch.device, copy_gbs: float, scale: int) -> list[list]:
-    """Memory-bound ops: time, bytes they must move (each input read once, each output written once), GB/s."""
+    """Memory-bound ops: time, bytes they must move (each input read once, each output written once), GB/s.
+    Each op is replayed from a CUDA graph: a custom op's host dispatch (tens of microseconds) would otherwise
+    be what a sub-0.1 ms kernel's figure measures."""
     gen = torch.Generator().manual_seed(1)
     ops = torch.ops.arbfn
     rows: list[list] = []
 
     def add(name: str, fn: Callable[[], object], nbytes: int) -> None:
-        ms = median_ms(fn, device)
+        ms = graph_ms(fn, device)
         rows.append([name, ms, nbytes / 1e6, nbytes / ms / 1e6, nbytes / ms / 1e6 / copy_gbs])
 
     dn, dk = 4096 * scale, 4096

@@ -73,17 +73,12 @@ def floor_div_pow3(b, bf, d: tl.constexpr, ON_FLOAT: tl.constexpr):
 
 
 @triton.jit
-def trit_float(byte, r, ON_FLOAT: tl.constexpr):
+def trit_float(byte, r):
     """Trit (-1., 0., +1.) of digit ``r`` (int32, 0..4, per element or broadcast) of ``byte`` (int32 0..242) as an
-    exact fp32, with no int-to-float conversion: on the integer pipe the digit by multiply-shift, turned into
-    a float through the mantissa of 2**23; on the float pipe two exact floors, ``f_r - 3 f_(r+1) - 1``."""
-    if ON_FLOAT:
-        bf = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        t = round_floor(bf * inv3_float(r)) - (round_floor(bf * inv3_float(r + 1)) * 3.0 + 1.0)
-    else:
-        q = (byte * inv_pow3(r)) >> 16
-        t = ((q - 3 * div3(q)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0
-    return t
+    exact fp32 with no int-to-float conversion: the digit by multiply-shift, turned into a float through the
+    mantissa of 2**23."""
+    q = (byte * inv_pow3(r)) >> 16
+    return ((q - 3 * div3(q)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0
 
 
 @triton.jit
@@ -141,10 +136,62 @@ def autotuned(configs: list[triton.Config], key: list[str], reset_to_zero: list[
 
 
 @triton.jit
-def decode_tile(packed_ptr, exp_ptr, rows, cols, row_mask, K, KB, G, GS: tl.constexpr, ON_FLOAT: tl.constexpr):
-    """fp32 tile ``T[rows, cols] * 2**E[rows, cols // GS]``; zero where masked. ``rows``/``cols`` are 1-D;
-    ``ON_FLOAT`` picks :func:`trit_float`'s pipe (a tuning choice, the values are the same)."""
+def decode_tile(packed_ptr, exp_ptr, rows, cols, row_mask, K, KB, G, GS: tl.constexpr):
+    """fp32 tile ``T[rows, cols] * 2**E[rows, cols // GS]``; zero where masked. ``rows``/``cols`` are 1-D (one
+    digit per element: for short rows such as a norm's gain; whole matrices use :func:`decode_octets`)."""
     mask = row_mask[:, None] & (cols[None, :] < K)
     byte = tl.load(packed_ptr + rows[:, None] * KB + (cols // 5)[None, :], mask=mask, other=121).to(tl.int32)
     e = tl.load(exp_ptr + rows[:, None] * G + (cols // GS)[None, :], mask=mask, other=0).to(tl.int32)
-    return trit_float(byte, (cols % 5)[None, :], ON_FLOAT) * pow2_exact(e)
+    return trit_float(byte, (cols % 5)[None, :]) * pow2_exact(e)
+
+
+@triton.jit
+def _pow3_small(r):
+    """3**r for int32 r in 0..5 (a select chain; per-thread values, not per element)."""
+    return tl.where(r < 2, 1 + 2 * r, tl.where(r == 2, 9, tl.where(r == 3, 27, tl.where(r == 4, 81, 243))))
+
+
+@triton.jit
+def octet_value(packed_ptr, rows, octets, ok, KB):
+    """The exact float ``v`` [rows, octets] whose base-3 digit j (``floor(v / 3**j) - 3 floor(v / 3**(j + 1))``,
+    see :func:`floor_div_pow3_wide`) is trit + 1 of column ``8 * octet + j``, where ``ok`` holds (unspecified
+    elsewhere). The eight columns come from the (at most) three bytes under them: ``v = floor(b0 / 3**r0) +
+    3**(5 - r0) * (b1 + 243 * b2)`` with r0 the first column's digit, so ``v < 3**12``. A thread holding an
+    octet's eight columns in registers gets each digit from a few float ops with a per-register constant: no
+    per-column index math or byte load."""
+    q0 = octets * 8 // 5
+    r0 = octets * 8 - 5 * q0
+    base = rows[:, None] * KB + q0[None, :]
+    b0 = tl.load(packed_ptr + base, mask=ok, other=0).to(tl.int32)
+    b1 = tl.load(packed_ptr + base + 1, mask=ok & (q0 + 1 < KB)[None, :], other=0).to(tl.int32)
+    b2 = tl.load(packed_ptr + base + 2, mask=ok & (q0 + 2 < KB)[None, :] & (r0 >= 3)[None, :], other=0).to(tl.int32)
+    v = (b0 * inv_pow3(r0)[None, :] >> 16) + _pow3_small(5 - r0)[None, :] * (b1 + 243 * b2)
+    return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def decode_octets(packed_ptr, exp_ptr, rows, octets, row_mask, K, KB, G, GS: tl.constexpr):
+    """fp32 tile [rows, octets, 8] of ``T * 2**E`` at columns ``8 * octet + j`` (unspecified where masked: callers
+    mask their stores), from :func:`octet_value`: a thread's octet is one 16-byte bf16 store."""
+    vf = octet_value(packed_ptr, rows, octets, row_mask[:, None] & (octets * 8 < K)[None, :], KB)[:, :, None]
+    j = tl.arange(0, 8)[None, None, :]
+    digits = floor_div_pow3_wide(vf, j) - floor_div_pow3_wide(vf, j + 1) * 3.0
+    cols = octets[None, :, None] * 8 + j
+    e = tl.load(exp_ptr + rows[:, None, None] * G + cols // GS, mask=row_mask[:, None, None] & (cols < K),
+                other=0).to(tl.int32)
+    lo = e >> 1  # 2**E as two normal halves (see pow2_exact): (digit - 1) * 2**lo cannot overflow, times 2**hi is exact
+    half_lo = ((lo + 127) << 23).to(tl.float32, bitcast=True)
+    half_hi = ((e - lo + 127) << 23).to(tl.float32, bitcast=True)
+    return (digits * half_lo - half_lo) * half_hi
+
+
+@triton.jit
+def floor_div_pow3_wide(vf, j):
+    """``floor(v / 3**j)`` for exact floats ``0 <= v < 3**12`` and j in 0..8 (int, per element or broadcast):
+    ``v * 3**-j`` errs by at most ``1.5 * 3**12 * 2**-23 / 3**j``, a fifth of the gap ``1 / 3**j`` between
+    fractions, so rounding ``v * 3**-j + (1 / 3**j - 1) / 2`` to the nearest integer (the magic number) is
+    exact (tests/kernels/test_packing.py checks every v and j)."""
+    inv = tl.where(j == 0, 1.0, tl.where(j == 1, 0.3333333432674408, tl.where(j == 2, 0.1111111119389534, tl.where(
+        j == 3, 0.03703703731298447, tl.where(j == 4, 0.012345679104328156, tl.where(j == 5, 0.004115226212888956,
+        tl.where(j == 6, 0.0013717421097680926, tl.where(j == 7, 0.00045724736992269754, 0.0001524157851235941))))))))
+    return (vf * inv + (0.5 * inv - 0.5) + _ROUND_MAGIC) - _ROUND_MAGIC

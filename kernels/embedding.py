@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import autotuned, cdiv, check_launchable, decode_tile
+from kernels._triton import autotuned, cdiv, check_launchable, decode_octets
 from kernels._vmap import activation_vmap_rule
 from kernels.packing import n_groups, packed_width, unpack_reference
 
@@ -25,17 +25,19 @@ def embedding_fwd_reference(ids: torch.Tensor, packed: torch.Tensor, exp: torch.
     return (rows_t * scale).reshape(*ids.shape, dim)
 
 
-@autotuned([triton.Config({"BLOCK_R": br, "BLOCK_D": bd, "ON_FLOAT": on_float}, num_warps=4)
-            for br, bd in ((4, 1024), (8, 512), (16, 128), (32, 64)) for on_float in (False, True)], key=["D", "GS"])
+@autotuned([triton.Config({"BLOCK_R": br, "BLOCK_T": bt}, num_warps=w)
+            for br, bt, w in ((4, 128, 4), (8, 32, 2), (16, 16, 4), (32, 8, 4))], key=["D", "GS"])
 @triton.jit(do_not_specialize=["R", "KB", "G"])  # only D's divisibility matters (the stores' row stride)
 def _embedding_fwd_kernel(ids_ptr, packed_ptr, exp_ptr, out_ptr, R, D, KB, G, GS: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ON_FLOAT: tl.constexpr):
+                          BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rows ``ids[r]`` of W, BLOCK_T octets (8 columns) each, decoded by :func:`kernels._triton.decode_octets`."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    octets = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = r < R
     rows = tl.load(ids_ptr + r, mask=row_mask, other=0)
-    w = decode_tile(packed_ptr, exp_ptr, rows, cols, row_mask, D, KB, G, GS, ON_FLOAT)
-    tl.store(out_ptr + r[:, None] * D + cols[None, :], w, mask=row_mask[:, None] & (cols[None, :] < D))
+    w = decode_octets(packed_ptr, exp_ptr, rows, octets, row_mask, D, KB, G, GS)
+    cols = octets[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    tl.store(out_ptr + r[:, None, None] * D + cols, w, mask=row_mask[:, None, None] & (cols < D))
 
 
 def embedding_fwd_triton(ids: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, dim: int, group_size: int) -> torch.Tensor:
@@ -44,7 +46,7 @@ def embedding_fwd_triton(ids: torch.Tensor, packed: torch.Tensor, exp: torch.Ten
     flat = ids.reshape(-1).contiguous()
     out = torch.empty((flat.numel(), dim), dtype=torch.float32, device=packed.device)
     if out.numel():
-        grid = lambda meta: (cdiv(flat.numel(), meta["BLOCK_R"]), cdiv(dim, meta["BLOCK_D"]))
+        grid = lambda meta: (cdiv(flat.numel(), meta["BLOCK_R"]), cdiv(dim, 8 * meta["BLOCK_T"]))
         _embedding_fwd_kernel[grid](flat, packed.contiguous(), exp.contiguous(), out, flat.numel(), dim,
                                     packed_width(dim), n_groups(dim, group_size), GS=group_size)
     return out.reshape(*ids.shape, dim)

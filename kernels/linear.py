@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import autotuned, cdiv, check_launchable, decode_tile, floor_div_pow3, pow2_exact
+from kernels._triton import autotuned, cdiv, check_launchable, decode_octets, floor_div_pow3, pow2_exact
 from kernels._vmap import activation_vmap_rule
 from kernels.packing import decode_reference, n_groups, packed_width
 
@@ -37,19 +37,21 @@ def linear_bwd_x_reference(g: torch.Tensor, packed: torch.Tensor, exp: torch.Ten
 # ---------------------------------------------------------------- Triton kernels
 
 
-_DECODE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "ON_FLOAT": on_float}, num_warps=4)
-                   for bn, bk in ((4, 1024), (8, 512), (16, 256), (32, 128)) for on_float in (False, True)]
+_DECODE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_T": bt}, num_warps=w)
+                   for bn, bt, w in ((4, 128, 4), (8, 32, 2), (2, 256, 4), (8, 64, 4), (16, 32, 4), (1, 256, 4))]
 
 
 @autotuned(_DECODE_CONFIGS, key=["N", "K", "GS"])
 @triton.jit(do_not_specialize=["N", "KB", "G"])  # only K's divisibility matters (the stores' row stride)
 def _decode_kernel(packed_ptr, exp_ptr, w_ptr, N, K, KB, G, GS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_FLOAT: tl.constexpr):
-    """W[rows, cols] = T * 2**E into a dense tile (wide, short tiles: each row's stores are long and coalesced)."""
+                   BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """W[rows, cols] = T * 2**E into a dense tile of BLOCK_T octets (8 columns, one 16-byte bf16 store) per row."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = decode_tile(packed_ptr, exp_ptr, rn, rk, rn < N, K, KB, G, GS, ON_FLOAT)
-    tl.store(w_ptr + rn[:, None] * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rk[None, :] < K))
+    octets = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    w = decode_octets(packed_ptr, exp_ptr, rn, octets, rn < N, K, KB, G, GS)
+    cols = octets[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    tl.store(w_ptr + rn[:, None, None] * K + cols, w.to(w_ptr.dtype.element_ty),
+             mask=(rn < N)[:, None, None] & (cols < K))
 
 
 # The GEMV's tuning space: rows per program, groups per iteration, warps, and how many of the four high base-3
@@ -145,7 +147,7 @@ def decode_triton(packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: i
     n = packed.shape[0]
     w = torch.empty((n, k), dtype=dtype, device=packed.device)
     if w.numel():
-        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))
+        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, 8 * meta["BLOCK_T"]))
         _decode_kernel[grid](packed.contiguous(), exp.contiguous(), w, n, k, packed_width(k),
                              n_groups(k, group_size), GS=group_size)
     return w

@@ -53,7 +53,7 @@ def rmsnorm_bwd_reference(g: torch.Tensor, x: torch.Tensor, packed: torch.Tensor
 def _gain_row(packed_ptr, exp_ptr, cols, D, KB, G, GS: tl.constexpr):
     """The decoded gain as a [1, BLOCK_D] fp32 tile (zero past D)."""
     row = tl.zeros((1,), tl.int32)
-    return decode_tile(packed_ptr, exp_ptr, row, cols, row == 0, D, KB, G, GS, False)  # one row: either pipe
+    return decode_tile(packed_ptr, exp_ptr, row, cols, row == 0, D, KB, G, GS)
 
 
 @triton.jit(do_not_specialize=["M", "D", "KB", "G"])  # sizes vary per call: one compile per BLOCK_D

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import triton
 import triton.language as tl
-from kernels._triton import floor_div_pow3, trit_float
+from kernels._triton import floor_div_pow3, floor_div_pow3_wide, trit_float
 
 from kernels.packing import (
     MAX_GROUP_SIZE,
@@ -335,12 +335,12 @@ def _digit_helpers_kernel(floor_ptr, trit_ptr, ON_FLOAT: tl.constexpr):
     bf = b.to(tl.float32)
     for d in tl.static_range(5):
         tl.store(floor_ptr + d * 256 + b, floor_div_pow3(b, bf, d, ON_FLOAT), mask=b < 243)
-        tl.store(trit_ptr + d * 256 + b, trit_float(b, tl.full((256,), d, tl.int32), ON_FLOAT), mask=b < 243)
+        tl.store(trit_ptr + d * 256 + b, trit_float(b, tl.full((256,), d, tl.int32)), mask=b < 243)
 
 
 @pytest.mark.parametrize("on_float", [False, True])
 def test_digit_helpers_are_exact_for_every_byte(kernel_device, on_float):
-    """``floor_div_pow3`` (the GEMV's floors) and ``trit_float`` (every decode) on either pipe, for all 243
+    """``floor_div_pow3`` (the GEMV's floors) on either pipe and ``trit_float`` (a norm's gain), for all 243
     bytes and digits 0..4, against integer division: the magic-number roundings have no slack to spare."""
     floors = torch.full((5, 256), -9.0, device=kernel_device)
     trits = torch.full((5, 256), -9.0, device=kernel_device)
@@ -348,3 +348,21 @@ def test_digit_helpers_are_exact_for_every_byte(kernel_device, on_float):
     b = torch.arange(243)
     assert torch.equal(floors[:, :243].cpu(), torch.stack([b // 3**d for d in range(5)]).float())
     assert torch.equal(trits[:, :243].cpu(), torch.stack([(b // 3**d) % 3 - 1 for d in range(5)]).float())
+
+
+@triton.jit
+def _wide_floor_kernel(out_ptr, V: tl.constexpr, BLOCK: tl.constexpr):
+    v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    vf = v.to(tl.float32)
+    for j in tl.static_range(9):
+        tl.store(out_ptr + j * V + v, floor_div_pow3_wide(vf, j), mask=v < V)
+
+
+def test_wide_floor_is_exact_for_every_octet_value(kernel_device):
+    """``floor_div_pow3_wide`` (the octet decode's digits) for every ``v < 3**12`` and j in 0..8, against
+    integer division: its error bound leaves a factor of five, checked here rather than trusted."""
+    v_max, block = 3**12, 2**16
+    out = torch.full((9, v_max), -9.0, device=kernel_device)
+    _wide_floor_kernel[(-(-v_max // block),)](out, V=v_max, BLOCK=block)
+    v = torch.arange(v_max)
+    assert torch.equal(out.cpu(), torch.stack([v // 3**j for j in range(9)]).float())

@@ -34,7 +34,7 @@ def test_every_decode_config_is_exact(kernel_device, n, k, gs):
     ref = decode_reference(p.cpu(), e.cpu(), k, gs)
     for config in _decode_kernel.configs:
         w = torch.full((n, k), float("nan"), device=kernel_device)
-        launch(_decode_kernel, config, lambda m: (cdiv(n, m["BLOCK_N"]), cdiv(k, m["BLOCK_K"])),
+        launch(_decode_kernel, config, lambda m: (cdiv(n, m["BLOCK_N"]), cdiv(k, 8 * m["BLOCK_T"])),
                p, e, w, n, k, packed_width(k), n_groups(k, gs), GS=gs)
         assert torch.equal(w.cpu(), ref), config
 
@@ -64,7 +64,7 @@ def test_every_embedding_config_is_exact(kernel_device, n, k, gs):
     ref = embedding_fwd_reference(ids.cpu(), p.cpu(), e.cpu(), k, gs)
     for config in _embedding_fwd_kernel.configs:
         out = torch.full((37, k), float("nan"), device=kernel_device)
-        launch(_embedding_fwd_kernel, config, lambda m: (cdiv(37, m["BLOCK_R"]), cdiv(k, m["BLOCK_D"])),
+        launch(_embedding_fwd_kernel, config, lambda m: (cdiv(37, m["BLOCK_R"]), cdiv(k, 8 * m["BLOCK_T"])),
                ids, p, e, out, 37, k, packed_width(k), n_groups(k, gs), GS=gs)
         assert torch.equal(out.cpu(), ref), config
 
