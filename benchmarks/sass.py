@@ -4,8 +4,8 @@
     python -m benchmarks.sass [--kernels decode,gemv,embedding,flip,exponent] [--arch 90]
 
 A launch specialises integer arguments divisible by 16 (unless the kernel opts out with ``do_not_specialize``);
-the compile here assumes that for every pointer and the row stride, as the benchmarks' shapes give. A kernel without a loop counts its whole SASS; the GEMV counts
-its main loop's body. ``SHFL`` counts lane exchanges (a sign of a layout split across lanes). The counts are
+the compile here assumes that for every pointer and the row stride, as the benchmarks' shapes give. A kernel
+without a loop counts its whole SASS; the GEMV counts its main loop's body. ``SHFL`` counts lane exchanges (a sign of a layout split across lanes). The counts are
 static: they predict time only where ``ncu`` shows a kernel bound by instruction issue (RESULTS.md).
 """
 
@@ -17,7 +17,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -47,7 +47,6 @@ class Case:
     per_thread: float
     unit: str
     loop: bool = False
-    notes: str = field(default="")
 
 
 def compile_sass(case: Case, arch: int) -> str:

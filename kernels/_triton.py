@@ -44,10 +44,12 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds any |v|
 
 @triton.jit
 def inv3_float(r):
-    """An fp32 value at most 2**-24 (relative) from ``3**-r``, for r in 0..5 (int, constexpr or tensor): with
-    :func:`round_floor` it gives exact ``floor(b / 3**r)`` for every byte 0..242."""
+    """The fp32 nearest ``3**-r`` (at most 2**-24 from it, relative), for r in 0..8 (int, constexpr or tensor): with
+    :func:`round_floor` it gives exact ``floor(b / 3**r)`` for every byte 0..242, with
+    :func:`floor_div_pow3_wide` exact ``floor(v / 3**r)`` for every ``v < 3**12``."""
     return tl.where(r == 0, 1.0, tl.where(r == 1, 0.3333333432674408, tl.where(r == 2, 0.1111111119389534, tl.where(
-        r == 3, 0.03703703731298447, tl.where(r == 4, 0.012345679104328156, 0.004115226212888956)))))
+        r == 3, 0.03703703731298447, tl.where(r == 4, 0.012345679104328156, tl.where(r == 5, 0.004115226212888956,
+        tl.where(r == 6, 0.0013717421097680926, tl.where(r == 7, 0.00045724736992269754, 0.0001524157851235941))))))))
 
 
 @triton.jit
@@ -82,13 +84,19 @@ def trit_float(byte, r):
 
 
 @triton.jit
-def pow2_exact(e):
-    """``2**e`` as fp32 for int32 e in -128..127, built from the bits of two normal halves: exact (the
-    subnormal 2**-127 and 2**-128 included) and a few integer ops where ``exp2`` costs a special-function
-    unit slot and an int-to-float conversion per element."""
+def pow2_halves(e):
+    """Two normal fp32 powers of two whose product is ``2**e`` for int32 e in -128..127 (built from bits)."""
     lo = e >> 1
-    hi = e - lo
-    return ((lo + 127) << 23).to(tl.float32, bitcast=True) * ((hi + 127) << 23).to(tl.float32, bitcast=True)
+    return ((lo + 127) << 23).to(tl.float32, bitcast=True), ((e - lo + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pow2_exact(e):
+    """``2**e`` as fp32 for int32 e in -128..127, the product of :func:`pow2_halves`: exact (the subnormal
+    2**-127 and 2**-128 included) and a few integer ops where ``exp2`` costs a special-function unit slot and
+    an int-to-float conversion per element."""
+    lo, hi = pow2_halves(e)
+    return lo * hi
 
 
 def interpreting() -> bool:
@@ -146,8 +154,8 @@ def decode_tile(packed_ptr, exp_ptr, rows, cols, row_mask, K, KB, G, GS: tl.cons
 
 
 @triton.jit
-def _pow3_small(r):
-    """3**r for int32 r in 0..5 (a select chain; per-thread values, not per element)."""
+def pow3(r):
+    """3**r for int32 r in 0..5 (a select chain): place values of a packed byte's digits, and beyond."""
     return tl.where(r < 2, 1 + 2 * r, tl.where(r == 2, 9, tl.where(r == 3, 27, tl.where(r == 4, 81, 243))))
 
 
@@ -165,8 +173,14 @@ def octet_value(packed_ptr, rows, octets, ok, KB):
     b0 = tl.load(packed_ptr + base, mask=ok, other=0).to(tl.int32)
     b1 = tl.load(packed_ptr + base + 1, mask=ok & (q0 + 1 < KB)[None, :], other=0).to(tl.int32)
     b2 = tl.load(packed_ptr + base + 2, mask=ok & (q0 + 2 < KB)[None, :] & (r0 >= 3)[None, :], other=0).to(tl.int32)
-    v = (b0 * inv_pow3(r0)[None, :] >> 16) + _pow3_small(5 - r0)[None, :] * (b1 + 243 * b2)
+    v = (b0 * inv_pow3(r0)[None, :] >> 16) + pow3(5 - r0)[None, :] * (b1 + 243 * b2)
     return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def octet_columns(octets):
+    """Columns [1, octets, 8] of a 1-D block of octets: ``8 * octet + j``, j in registers."""
+    return octets[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
 
 
 @triton.jit
@@ -176,12 +190,10 @@ def decode_octets(packed_ptr, exp_ptr, rows, octets, row_mask, K, KB, G, GS: tl.
     vf = octet_value(packed_ptr, rows, octets, row_mask[:, None] & (octets * 8 < K)[None, :], KB)[:, :, None]
     j = tl.arange(0, 8)[None, None, :]
     digits = floor_div_pow3_wide(vf, j) - floor_div_pow3_wide(vf, j + 1) * 3.0
-    cols = octets[None, :, None] * 8 + j
+    cols = octet_columns(octets)
     e = tl.load(exp_ptr + rows[:, None, None] * G + cols // GS, mask=row_mask[:, None, None] & (cols < K),
                 other=0).to(tl.int32)
-    lo = e >> 1  # 2**E as two normal halves (see pow2_exact): (digit - 1) * 2**lo cannot overflow, times 2**hi is exact
-    half_lo = ((lo + 127) << 23).to(tl.float32, bitcast=True)
-    half_hi = ((e - lo + 127) << 23).to(tl.float32, bitcast=True)
+    half_lo, half_hi = pow2_halves(e)  # (digit - 1) * half_lo cannot overflow, and times half_hi is exact
     return (digits * half_lo - half_lo) * half_hi
 
 
@@ -191,7 +203,5 @@ def floor_div_pow3_wide(vf, j):
     ``v * 3**-j`` errs by at most ``1.5 * 3**12 * 2**-23 / 3**j``, a fifth of the gap ``1 / 3**j`` between
     fractions, so rounding ``v * 3**-j + (1 / 3**j - 1) / 2`` to the nearest integer (the magic number) is
     exact (tests/kernels/test_packing.py checks every v and j)."""
-    inv = tl.where(j == 0, 1.0, tl.where(j == 1, 0.3333333432674408, tl.where(j == 2, 0.1111111119389534, tl.where(
-        j == 3, 0.03703703731298447, tl.where(j == 4, 0.012345679104328156, tl.where(j == 5, 0.004115226212888956,
-        tl.where(j == 6, 0.0013717421097680926, tl.where(j == 7, 0.00045724736992269754, 0.0001524157851235941))))))))
+    inv = inv3_float(j)
     return (vf * inv + (0.5 * inv - 0.5) + _ROUND_MAGIC) - _ROUND_MAGIC

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import autotuned, cdiv, check_launchable, decode_octets
+from kernels._triton import autotuned, cdiv, check_launchable, decode_octets, octet_columns
 from kernels._vmap import activation_vmap_rule
 from kernels.packing import n_groups, packed_width, unpack_reference
 
@@ -36,7 +36,7 @@ def _embedding_fwd_kernel(ids_ptr, packed_ptr, exp_ptr, out_ptr, R, D, KB, G, GS
     row_mask = r < R
     rows = tl.load(ids_ptr + r, mask=row_mask, other=0)
     w = decode_octets(packed_ptr, exp_ptr, rows, octets, row_mask, D, KB, G, GS)
-    cols = octets[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    cols = octet_columns(octets)
     tl.store(out_ptr + r[:, None, None] * D + cols, w, mask=row_mask[:, None, None] & (cols < D))
 
 

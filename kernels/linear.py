@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import autotuned, cdiv, check_launchable, decode_octets, floor_div_pow3, pow2_exact
+from kernels._triton import autotuned, cdiv, check_launchable, decode_octets, floor_div_pow3, octet_columns, pow2_exact
 from kernels._vmap import activation_vmap_rule
 from kernels.packing import decode_reference, n_groups, packed_width
 
@@ -49,7 +49,7 @@ def _decode_kernel(packed_ptr, exp_ptr, w_ptr, N, K, KB, G, GS: tl.constexpr,
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     octets = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     w = decode_octets(packed_ptr, exp_ptr, rn, octets, rn < N, K, KB, G, GS)
-    cols = octets[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    cols = octet_columns(octets)
     tl.store(w_ptr + rn[:, None, None] * K + cols, w.to(w_ptr.dtype.element_ty),
              mask=(rn < N)[:, None, None] & (cols < K))
 

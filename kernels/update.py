@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import autotuned, cdiv, check_launchable, trit_of
+from kernels._triton import autotuned, cdiv, check_launchable, pow3, trit_of
 from kernels.packing import check_group_size, n_groups, pack_reference, packed_width, unpack_reference
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -305,12 +305,6 @@ def _exp_update_kernel(packed_ptr, exp_ptr, e_accum_ptr, grad_ptr, new_exp_ptr, 
 _FLIP_CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w) for bs, w in ((128, 4), (64, 4), (256, 8), (128, 8))]
 
 
-@triton.jit
-def _pow3_of(d):
-    """3**d for digits d in 0..4 (int32 tensor): a packed byte's place values."""
-    return tl.where(d < 2, 1 + 2 * d, tl.where(d == 2, 9, tl.where(d == 3, 27, 81)))
-
-
 @autotuned(_FLIP_CONFIGS, key=["NQ", "K"], reset_to_zero=["count_ptr"])  # a larger tile writes fewer counts
 @triton.jit(do_not_specialize=["NQ", "K", "KB", "KT", "QB", "TH"])  # sizes vary per call: one compile per mode
 def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new_t_accum_ptr, count_ptr,
@@ -359,7 +353,7 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new
             tl.store(new_t_accum_ptr + hoffs, tl.sum((a & 15) << (4 * r), axis=2).to(tl.uint8), mask=hmask)
         else:
             tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
-    place = tl.where(mask, t + up - down + 1, 1) * _pow3_of(d % 5)  # padding trits are written as zero (digit 1)
+    place = tl.where(mask, t + up - down + 1, 1) * pow3(d % 5)  # padding trits are written as zero (digit 1)
     first = tl.sum(tl.sum(tl.where(d < 5, place, 0), axis=2), axis=1)
     second = tl.sum(tl.sum(tl.where((d >= 5) & (d < 10), place, 0), axis=2), axis=1)
     b0 = span * 2
