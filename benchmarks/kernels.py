@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes (CPU smoke of the script itself)")
+    ap.add_argument("--table", choices=["all", "linear", "bandwidth"], default="all",
+                    help="print only the linear table or only the memory-bound table (saves device time)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     quick = args.quick or device.type == "cpu"
@@ -142,10 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     ms = [1, 16] if quick else [1, 2, 4, 16, 256, 4096]
     copy_gbs = copy_bandwidth_gbs(device, 1 << 24 if quick else 1 << 30)
     print(f"device: {describe(device)}; measured copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    print(format_table(["W (NxK)", "M", "ternary ms", "GEMV ms", "decode+mm ms", "bf16 ms", "naive ms", "bf16/ternary",
-                        "GB/s", "of copy", "TFLOP/s", "tuned"], linear_rows(device, shapes, ms, copy_gbs)))
-    print()
-    print(format_table(["op", "ms", "MB moved", "GB/s", "of copy"], bandwidth_rows(device, copy_gbs, 1 if quick else 8)))
+    if args.table in ("all", "linear"):
+        print(format_table(["W (NxK)", "M", "ternary ms", "GEMV ms", "decode+mm ms", "bf16 ms", "naive ms",
+                            "bf16/ternary", "GB/s", "of copy", "TFLOP/s", "tuned"],
+                           linear_rows(device, shapes, ms, copy_gbs)))
+        print()
+    if args.table in ("all", "bandwidth"):
+        print(format_table(["op", "ms", "MB moved", "GB/s", "of copy"],
+                           bandwidth_rows(device, copy_gbs, 1 if quick else 8)))
 
 
 if __name__ == "__main__":
