@@ -118,13 +118,14 @@ cdiv = triton.cdiv
 
 
 class _FirstConfig:
-    """Launches a kernel with the first of its tuning configs (interpreter runs: timing them means nothing)."""
+    """Launches a kernel with the first of its tuning configs, launch options included (interpreter runs:
+    timing them means nothing)."""
 
     def __init__(self, fn, configs: list[triton.Config]) -> None:
         self.fn, self.configs, self.config = fn, configs, configs[0]
 
     def __getitem__(self, grid):
-        meta = dict(self.config.kwargs)
+        meta = self.config.all_kwargs()  # its meta-parameters and its launch options (warps, stages, registers)
         return lambda *args, **kwargs: self.fn[grid(meta) if callable(grid) else grid](*args, **kwargs, **meta)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from kernels import update
-from kernels._triton import cdiv
+from kernels._triton import _FirstConfig, cdiv
 from kernels.embedding import _embedding_fwd_kernel, embedding_fwd_reference
 from kernels.linear import _decode_kernel, _linear_gemv_kernel, gemv_slots, gemv_splits
 from kernels.packing import decode_reference, n_groups, pack_reference, packed_width
@@ -23,8 +24,24 @@ def weight(n: int, k: int, gs: int, g: torch.Generator, device: str) -> tuple[to
 
 
 def launch(kernel, config, grid, *args, **kwargs) -> None:
-    """One launch of ``kernel``'s plain function with ``config``'s meta-parameters and warps."""
-    kernel.fn[grid(config.kwargs)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps)
+    """One launch of ``kernel``'s plain function with ``config``'s meta-parameters and launch options."""
+    kernel.fn[grid(config.kwargs)](*args, **kwargs, **config.all_kwargs())
+
+
+def test_untuned_launch_keeps_the_first_configs_launch_options():
+    """ARBFN_AUTOTUNE=0 and the interpreter run the first config as the tuner would: warps, stages and the
+    register cap included, not only its meta-parameters."""
+    seen = {}
+
+    class Kernel:
+        def __getitem__(self, grid):
+            seen["grid"] = grid
+            return lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs)
+
+    config = triton.Config({"BLOCK": 64}, num_warps=2, num_stages=1, maxnreg=96)
+    _FirstConfig(Kernel(), [config, triton.Config({"BLOCK": 128}, num_warps=8)])[lambda m: (m["BLOCK"],)](7, K=3)
+    assert seen["grid"] == (64,) and seen["args"] == (7,)
+    assert seen["kwargs"].items() >= {"K": 3, "BLOCK": 64, "num_warps": 2, "num_stages": 1, "maxnreg": 96}.items()
 
 
 @pytest.mark.parametrize("n,k,gs", SHAPES)
