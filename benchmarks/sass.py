@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks._timing import format_table  # noqa: E402
-from kernels import embedding, linear, update  # noqa: E402
+from kernels import embedding, gemv_lut, linear, update  # noqa: E402
 from kernels.linear import gemv_slots  # noqa: E402
 
 _LINE = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
@@ -102,6 +102,11 @@ def cases() -> list[Case]:
               "KB": "i32", "G": "i32", "SPLIT_G": "i32"},
              {"GS": gs, "SLOTS": gemv_slots(gs), "BLOCK_N": 64, "BLOCK_G": 2, "FLOAT_DIGITS": 2}, (0, 1, 2, 3, 5), 4,
              64 * 2 * gemv_slots(gs) / 128, "(row, byte slot)", loop=True),
+        Case("gemv_lut", gemv_lut._gemv_kernel,
+             {"table_ptr": "*fp32", "out_ptr": "*fp32", "packed_ptr": "*u8", "exp_ptr": "*i8", "N": "i32", "K": "i32",
+              "KB": "i32", "G": "i32", "SPLIT_G": "i32", "BASE": "i32", "N_WORDS": "i32"},
+             {"GS": gs, "SL": gemv_lut.slots(gs), "BLOCK_N": 256}, (0, 1, 2, 3), 8, 256 / 256 * gemv_lut.slots(gs),
+             "(row, byte slot)", loop=True),
     ]
     for mode in ("counter", "stochastic", "nibble"):
         out.append(Case(f"flip ({mode})", update._flip_kernel, flip,

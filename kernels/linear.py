@@ -1,8 +1,9 @@
 """Ternary linear: ``y = x @ W.T`` with ``W = T * 2**E`` from packed trits and int8 group exponents.
 
-On CUDA, up to ``GEMV_MAX_M`` input rows run a GEMV kernel that reads only the packed bytes (split over K);
-more rows decode W once per call into a transient dense tile (a Triton kernel) and run one matmul, since
-tensor-core GEMMs beat any decode-in-the-loop kernel there (benchmarks/RESULTS.md has both measured).
+On CUDA, up to ``GEMV_MAX_M`` input rows run a GEMV that reads only the packed bytes (split over K): the
+lookup-table GEMV of kernels/gemv_lut.py for group sizes up to 36, else the grouped GEMV below; more rows
+decode W once per call into a transient dense tile (a Triton kernel) and run one matmul, since tensor-core
+GEMMs beat any decode-in-the-loop kernel there (benchmarks/RESULTS.md has both measured).
 
 Ops: ``arbfn::linear_fwd`` (x [..., K] -> y [..., N]) and ``arbfn::linear_bwd_x`` (dL/dy -> dL/dx).
 The weight-gradient signal ``dL/dW = g.T @ x`` reaches the update through the zero *probe*
@@ -16,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton import autotuned, cdiv, check_launchable, decode_octets, floor_div_pow3, octet_columns, pow2_exact
+from kernels import gemv_lut
 from kernels._vmap import activation_vmap_rule
 from kernels.packing import decode_reference, n_groups, packed_width
 
@@ -154,8 +156,12 @@ def decode_triton(packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: i
 
 
 def _gemv(x2: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """Few-row forward: the lookup-table GEMV (kernels/gemv_lut.py) where the group size fits it, else the
+    grouped GEMV; both over the same K splits."""
     m, n, g = x2.shape[0], packed.shape[0], n_groups(k, group_size)
     split = gemv_splits(n, g, group_size)
+    if gemv_lut.fits(group_size):
+        return gemv_lut.gemv_lut(x2, packed.contiguous(), exp.contiguous(), k, group_size, split)
     out = torch.empty((m, split, n), dtype=torch.float32 if split > 1 else x2.dtype, device=x2.device)
     grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), split, m)
     _linear_gemv_kernel[grid](x2, out, packed.contiguous(), exp.contiguous(), n, k, packed_width(k), g,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import triton
 
-from kernels import update
+from kernels import gemv_lut, update
 from kernels._triton import _FirstConfig, cdiv
 from kernels.embedding import _embedding_fwd_kernel, embedding_fwd_reference
 from kernels.linear import _decode_kernel, _linear_gemv_kernel, gemv_slots, gemv_splits
@@ -56,21 +56,44 @@ def test_every_decode_config_is_exact(kernel_device, n, k, gs):
         assert torch.equal(w.cpu(), ref), config
 
 
-@pytest.mark.parametrize("n,k,gs", GEMV_SHAPES)
-def test_every_gemv_config_matches_reference(kernel_device, n, k, gs):
-    g = torch.Generator().manual_seed(k + 1)
-    p, e = weight(n, k, gs, g, kernel_device)
+def gemv_case(n: int, k: int, gs: int, seed: int, device: str):
+    """A random weight on ``device``, one input row, and the float64 product with its magnitude |x| @ |W|.T."""
+    g = torch.Generator().manual_seed(seed)
+    p, e = weight(n, k, gs, g, device)
     x = torch.randn((1, k), generator=g)
     w = decode_reference(p.cpu(), e.cpu(), k, gs).double()
-    ref, mag = x.double() @ w.T, x.double().abs() @ w.abs().T
+    return p, e, x, x.double() @ w.T, x.double().abs() @ w.abs().T
+
+
+def assert_partials_match(part: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, config) -> None:
+    """The K-split partials [1, splits, N] sum to the float64 product (fp32 error, relative to |x| @ |W|.T)."""
+    y = part.sum(1).cpu().double()
+    assert float((y - ref).norm() / mag.norm()) < 1e-5, config
+
+
+@pytest.mark.parametrize("n,k,gs", GEMV_SHAPES)
+def test_every_gemv_config_matches_reference(kernel_device, n, k, gs):
+    p, e, x, ref, mag = gemv_case(n, k, gs, k + 1, kernel_device)
     groups = n_groups(k, gs)
     split = gemv_splits(n, groups, gs)
     for config in _linear_gemv_kernel.configs:
         part = torch.full((1, split, n), float("nan"), device=kernel_device)
         launch(_linear_gemv_kernel, config, lambda m: (cdiv(n, m["BLOCK_N"]), split, 1), x.to(kernel_device), part,
                p, e, n, k, packed_width(k), groups, cdiv(groups, split), GS=gs, SLOTS=gemv_slots(gs))
-        y = part.sum(1).cpu().double()
-        assert float((y - ref).norm() / mag.norm()) < 1e-5, config
+        assert_partials_match(part, ref, mag, config)
+
+
+@pytest.mark.parametrize("n,k,gs", [(7, 133, 32), (33, 611, 6), (300, 130, 16)])
+def test_every_table_gemv_config_matches_reference(kernel_device, n, k, gs):
+    p, e, x, ref, mag = gemv_case(n, k, gs, k + 3, kernel_device)
+    groups, sl = n_groups(k, gs), gemv_lut.slots(gs)
+    table = torch.empty((1, groups, sl, gemv_lut.TABLE_WIDTH), device=kernel_device)
+    gemv_lut._table_kernel[(cdiv(groups * sl, 16), 1)](x.to(kernel_device), table, k, groups, GS=gs, SL=sl, BLOCK=16)
+    for config in gemv_lut._gemv_kernel.configs:
+        part = torch.full((1, 2, n), float("nan"), device=kernel_device)
+        launch(gemv_lut._gemv_kernel, config, lambda m: (cdiv(n, m["BLOCK_N"]), 2, 1), table, part, p, e, n, k,
+               packed_width(k), groups, cdiv(groups, 2), 0, cdiv(p.numel(), 4), GS=gs, SL=sl)
+        assert_partials_match(part, ref, mag, config)
 
 
 @pytest.mark.parametrize("n,k,gs", SHAPES)
