@@ -5,8 +5,11 @@
 
 A launch specialises integer arguments divisible by 16 (unless the kernel opts out with ``do_not_specialize``);
 the compile here assumes that for every pointer and the row stride, as the benchmarks' shapes give. A kernel
-without a loop counts its whole SASS; the GEMV counts its main loop's body. ``SHFL`` counts lane exchanges (a sign of a layout split across lanes). The counts are
-static: they predict time only where ``ncu`` shows a kernel bound by instruction issue (RESULTS.md).
+without a loop counts its whole SASS; the GEMVs count their main loop's body. ``SHFL`` counts lane exchanges
+(a sign of a layout split across lanes). The counts are static: they predict time only where ``ncu`` shows a
+kernel bound by instruction issue (RESULTS.md). ``regs`` (registers per thread) bounds occupancy, the other
+limit a lean kernel meets; it comes from this Triton's ``ptxas``, which may differ from the GPU machine's
+(a kernel here at 125 registers took 189 with triton 3.6's).
 """
 
 from __future__ import annotations
@@ -49,19 +52,34 @@ class Case:
     loop: bool = False
 
 
-def compile_sass(case: Case, arch: int) -> str:
-    """The kernel's SASS text for ``sm_<arch>``."""
+def compile_cubin(case: Case, arch: int) -> bytes:
+    """The kernel compiled for ``sm_<arch>`` (a cubin)."""
     signature = {**case.signature, **{k: "constexpr" for k in case.constexprs}}
     fn = case.fn if isinstance(case.fn, triton.runtime.JITFunction) else case.fn.fn  # an autotuner wraps its kernel
     fixed = {fn.arg_names.index(a) if isinstance(a, str) else a for a in fn.do_not_specialize}  # a launch never
     attrs = {(i,): [["tt.divisibility", 16]] for i in case.divisible if i not in fixed}  # specialises these
     src = ASTSource(fn, signature=signature, constexprs=case.constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps}).asm["cubin"]
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """Triton's bundled ``cuobjdump <flag>`` of a cubin."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+        f.write(cubin)
         f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def compile_sass(case: Case, arch: int) -> str:
+    """The kernel's SASS text for ``sm_<arch>``."""
+    return cuobjdump(compile_cubin(case, arch), "-sass")
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers per thread (``REG``, which bounds occupancy) and spill stack bytes (``STACK``) of a cubin."""
+    usage = cuobjdump(cubin, "-res-usage")
+    return {key: int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK")}
 
 
 def instructions(sass: str, loop: bool) -> list[tuple[int, str]]:
@@ -127,12 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     for case in cases():
         if wanted and not any(case.name.startswith(w) for w in wanted):
             continue
-        ops = collections.Counter(op for _, op in instructions(compile_sass(case, args.arch), case.loop))
+        cubin = compile_cubin(case, args.arch)
+        ops = collections.Counter(op for _, op in instructions(cuobjdump(cubin, "-sass"), case.loop))
         total = sum(ops.values())
         top = " ".join(f"{op} {n}" for op, n in ops.most_common(6))
-        rows.append([case.name, case.unit, round(total / case.per_thread, 1), ops["SHFL"], ops["LDG"], top])
+        use = resources(cubin)
+        rows.append([case.name, case.unit, round(total / case.per_thread, 1), ops["SHFL"], ops["LDG"], use["REG"],
+                     use["STACK"], top])
     print(f"SASS for sm_{args.arch}, triton {triton.__version__}, group size 32")
-    print(format_table(["kernel", "per", "SASS per element", "SHFL", "LDG", "most frequent"], rows))
+    print(format_table(["kernel", "per", "SASS per element", "SHFL", "LDG", "regs", "spill B", "most frequent"], rows))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ def test_counts_the_decode_kernels_instructions():
     proc = run_tool("--kernels", "decode")
     assert proc.returncode == 0, proc.stderr
     row = next(line for line in proc.stdout.splitlines() if line.startswith("decode"))
-    per_output = float(row.split()[2])
+    per_output, regs, spill = float(row.split()[2]), int(row.split()[5]), int(row.split()[6])
     assert 4 < per_output < 100  # a few float ops per trit at least; far below a per-element loop
+    assert 0 < regs <= 255 and spill == 0  # registers per thread from the cubin; the decode does not spill
     assert "flip" not in proc.stdout  # --kernels selects
 
 
