@@ -17,6 +17,7 @@ import torch
 
 import kernels  # noqa: F401  (registers the ops)
 import kernels.linear as ops_linear
+from kernels import gemv_lut
 from benchmarks._timing import copy_bandwidth_gbs, describe, format_table, graph_ms, median_ms, rotating
 from kernels._triton import cdiv
 from kernels.packing import decode_reference, n_groups, pack, packed_width
@@ -47,8 +48,9 @@ def tuned(kernel) -> str:
 
 def linear_rows(device: torch.device, shapes: list[tuple[int, int]], ms: list[int], copy_gbs: float) -> list[list]:
     """One row per (shape, M): ternary (the op's dispatch) vs bf16 cuBLAS vs naive unpack-then-matmul, and both
-    ternary paths apart (the packed-byte GEMV up to M = 16, the Triton decode + one matmul), each replayed from a
-    CUDA graph with its weights rotated past L2; the tuned config of the path the op took."""
+    ternary paths apart (the packed-byte GEMV up to M = 16, which is the table GEMV at group size 32; the Triton
+    decode + one matmul), each replayed from a CUDA graph with its weights rotated past L2; the tuned config of
+    the path the op took."""
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n, k in shapes:
@@ -68,7 +70,8 @@ def linear_rows(device: torch.device, shapes: list[tuple[int, int]], ms: list[in
             naive = median_ms(rotating(lambda p, e: x @ decode_reference(p, e, k, GROUP_SIZE, torch.bfloat16).T,
                                        weights), device)
             moved = n * packed_width(k) + n * n_groups(k, GROUP_SIZE) + 2 * (x.numel() + m * n)
-            path = ops_linear._linear_gemv_kernel if m <= ops_linear.GEMV_MAX_M else ops_linear._decode_kernel
+            gemv_kernel = gemv_lut._gemv_kernel if gemv_lut.fits(GROUP_SIZE) else ops_linear._linear_gemv_kernel
+            path = gemv_kernel if m <= ops_linear.GEMV_MAX_M else ops_linear._decode_kernel
             rows.append([f"{n}x{k}", m, ternary, gemv, via_decode, bf16, naive, bf16 / ternary,
                          moved / ternary / 1e6, moved / ternary / 1e6 / copy_gbs, 2 * m * n * k / ternary / 1e9,
                          tuned(path)])
