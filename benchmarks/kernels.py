@@ -17,8 +17,8 @@ import torch
 
 import kernels  # noqa: F401  (registers the ops)
 import kernels.linear as ops_linear
-from kernels import gemv_lut
 from benchmarks._timing import copy_bandwidth_gbs, describe, format_table, graph_ms, median_ms, rotating
+from kernels import gemv_lut
 from kernels._triton import cdiv
 from kernels.packing import decode_reference, n_groups, pack, packed_width
 

@@ -71,11 +71,6 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def compile_sass(case: Case, arch: int) -> str:
-    """The kernel's SASS text for ``sm_<arch>``."""
-    return cuobjdump(compile_cubin(case, arch), "-sass")
-
-
 def resources(cubin: bytes) -> dict[str, int]:
     """Registers per thread (``REG``, which bounds occupancy) and spill stack bytes (``STACK``) of a cubin."""
     usage = cuobjdump(cubin, "-res-usage")

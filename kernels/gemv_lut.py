@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import autotuned, cdiv, pow2_exact
+from kernels._triton import autotuned, cdiv, pow2_exact, trit_of
 from kernels.packing import n_groups, packed_width
 
 MAX_SLOTS = 8  # bytes a group may touch: the GEMV extracts them from three words (a 0..3 byte offset + 8 bytes)
@@ -54,13 +54,11 @@ def _table_kernel(x_ptr, table_ptr, K, G, GS: tl.constexpr, SL: tl.constexpr, BL
     byte_i = col_lo // 5 + pair % SL
     v = tl.arange(0, 256)
     entry = tl.zeros((BLOCK, 256), tl.float32)
-    place = 1
     for d in tl.static_range(5):
         col = byte_i * 5 + d
         xd = tl.load(x_ptr + m * K + col, mask=ok & (col >= col_lo) & (col < col_hi), other=0.0).to(tl.float32)
-        trit = tl.where(v < 243, ((v // place) % 3 - 1).to(tl.float32), 0.0)
+        trit = tl.where(v < 243, trit_of(v, v * 0 + d), 0).to(tl.float32)
         entry += xd[:, None] * trit[None, :]
-        place = place * 3
     tl.store(table_ptr + (m * G * SL + pair)[:, None] * 256 + v[None, :], entry, mask=ok[:, None])
 
 
@@ -78,7 +76,7 @@ _CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((256, 8), 
 def _gemv_kernel(table_ptr, out_ptr, packed_ptr, exp_ptr, N, K, KB, G, SPLIT_G, BASE, N_WORDS,
                  GS: tl.constexpr, SL: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (row block, K split, input row m) writes ``Σ_g 2**E[n, g] Σ_s table[m, g, s, byte]`` over its
-    SPLIT_G groups into ``out[m, split, n]`` (fp32). ``packed_ptr - BASE`` is 4-byte aligned; N_WORDS words
+    SPLIT_G groups into ``out[m, split, n]`` (fp32 partials, or the output itself with one split). ``packed_ptr - BASE`` is 4-byte aligned; N_WORDS words
     cover the packed weight. The first and last words may hold up to 3 bytes outside it, which are read (never
     past an aligned word, so never past an allocation) but never used."""
     pid_s, m = tl.program_id(1), tl.program_id(2)
@@ -106,7 +104,7 @@ def _gemv_kernel(table_ptr, out_ptr, packed_ptr, exp_ptr, N, K, KB, G, SPLIT_G, 
             val += tl.load(table + (g * SL + s) * 256 + byte.to(tl.int32))
         e = tl.load(exp_ptr + rn * G + g, mask=ok, other=0).to(tl.int32)
         acc += pow2_exact(e) * val
-    tl.store(out_ptr + (m * tl.num_programs(1) + pid_s) * N + rn, acc, mask=ok)
+    tl.store(out_ptr + (m * tl.num_programs(1) + pid_s) * N + rn, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def gemv_lut(x2: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int,
@@ -122,9 +120,9 @@ def gemv_lut(x2: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, k: int, 
     _table_kernel[(cdiv(g * sl, _TABLE_BLOCK), m)](x2, table, k, g, GS=group_size, SL=sl, BLOCK=_TABLE_BLOCK)
     split_g = cdiv(g, splits)
     splits = cdiv(g, split_g)
-    out = torch.empty((m, splits, n), dtype=torch.float32, device=x2.device)
+    out = torch.empty((m, splits, n), dtype=torch.float32 if splits > 1 else x2.dtype, device=x2.device)
     base = packed.data_ptr() % 4
     _gemv_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]), splits, m)](
         table, out, packed, exp, n, k, packed_width(k), g, split_g, base, cdiv(base + packed.numel(), 4),
         GS=group_size, SL=sl)
-    return out.sum(1).to(x2.dtype)
+    return out.sum(1).to(x2.dtype) if splits > 1 else out.reshape(m, n)
