@@ -363,6 +363,87 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new
     tl.store(count_ptr + pid, tl.sum(flips, axis=0))
 
 
+_FUSED_CONFIGS = [triton.Config({"TILE": t}, num_warps=w) for t, w in ((2048, 4), (1024, 4), (4096, 8), (2048, 8))]
+
+
+@autotuned(_FUSED_CONFIGS, key=["NG", "K", "GS"], reset_to_zero=["count_ptr", "exp_count_ptr"])
+@triton.jit(do_not_specialize=["NG", "KB", "KT", "G", "TH", "THE"])  # K's divisibility sets the vector width
+def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_ptr, new_packed_ptr,
+                  new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr, exp_count_ptr, NG, K, KB, KT, G, TH, THE,
+                  GS: tl.constexpr, GS_P2: tl.constexpr, TILE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                  NIBBLES: tl.constexpr):
+    """Both rules in one pass over a tile of TILE // GS_P2 whole groups [(row, group), column in group]:
+    gradients and counters move contiguously along rows, the exponent rule sums over the tile's second axis,
+    and each flipped trit adds (t' - t) * 3**digit to its byte through an int32 atomic add on the aligned word
+    that holds it (``new_packed_ptr``: 4-byte aligned, already a copy of the old bytes, with room after them).
+    Integer adds commute, so the result does not depend on their order; flips are rare, so are the atomics.
+    The program that holds a row's last group also writes the row's padding digits as zero trits.
+    NIBBLES needs an even GS (a counter byte's two columns in one group)."""
+    BLOCK_Q: tl.constexpr = TILE // GS_P2 if TILE >= GS_P2 else 1
+    words = new_packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    pid = tl.program_id(0)
+    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)  # flat (row, group) index over N * G
+    qmask = q < NG
+    row, grp = q // G, q % G
+    j = tl.arange(0, GS_P2)
+    cols = grp[:, None] * GS + j[None, :]
+    mask = qmask[:, None] & (j[None, :] < GS) & (cols < K)
+    offs = row[:, None] * K + cols
+    t = trit_of(tl.load(packed_ptr + row[:, None] * KB + cols // 5, mask=mask, other=121).to(tl.int32), cols)
+    s = _sign_of(grad_ptr, offs, mask)
+    # exponent rule, on the old trits
+    score = tl.sum(s * t, axis=1)
+    e = tl.load(exp_ptr + q, mask=qmask, other=0).to(tl.int32)
+    b = tl.load(e_accum_ptr + q, mask=qmask, other=0).to(tl.int32)
+    b = tl.minimum(tl.maximum(b - ((score > 0).to(tl.int32) - (score < 0).to(tl.int32)), -THE), THE)
+    inc = ((b >= THE) & (e < 127)).to(tl.int32)
+    dec = ((b <= -THE) & (e > -128)).to(tl.int32)
+    tl.store(new_exp_ptr + q, (e + inc - dec).to(tl.int8), mask=qmask)
+    tl.store(new_e_accum_ptr + q, (b - THE * inc + THE * dec).to(tl.int8), mask=qmask)
+    tl.store(exp_count_ptr + pid, tl.sum(tl.where(qmask, inc + dec, 0), axis=0))
+    # flip rule
+    if STOCHASTIC:
+        go = _draw(tl.load(key_ptr), offs) < TH
+        up = (go & (s < 0) & (t < 1)).to(tl.int32)
+        down = (go & (s > 0) & (t > -1)).to(tl.int32)
+    else:
+        if NIBBLES:  # counter byte c // 2 of the row: column c in the low nibble for even c, the high for odd
+            pair = tl.load(t_accum_ptr + row[:, None] * KT + cols // 2, mask=mask, other=0).to(tl.int32)
+            nib = (pair >> (4 * (cols % 2))) & 15
+            a = tl.where(mask, nib - ((nib >> 3) << 4), 0) - s
+        else:
+            a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
+        a = tl.minimum(tl.maximum(a, -TH), TH)
+        up = ((a >= TH) & (t < 1)).to(tl.int32)
+        down = ((a <= -TH) & (t > -1)).to(tl.int32)
+        a = tl.where(up + down > 0, 0, a)
+        if NIBBLES:  # pairs (2h, 2h + 1) of the group: one byte each; a padding column's a is 0
+            a3 = tl.reshape(a & 15, (BLOCK_Q, GS_P2 // 2, 2))
+            byte_pair = tl.sum(a3 << (4 * tl.arange(0, 2)[None, None, :]), axis=2)
+            h = tl.arange(0, GS_P2 // 2)
+            hcol = (grp[:, None] * GS) // 2 + h[None, :]
+            tl.store(new_t_accum_ptr + row[:, None] * KT + hcol, byte_pair.to(tl.uint8),
+                     mask=qmask[:, None] & (2 * h[None, :] < GS) & (hcol < KT))
+        else:
+            tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
+    delta = (up - down) * pow3(cols % 5)
+    at = row[:, None] * KB + cols // 5
+    tl.atomic_add(words + (at >> 2), delta << ((at & 3) * 8), mask=mask & (delta != 0))
+    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.where(mask, up + down, 0), axis=1), axis=0))
+    # padding digits (columns K .. 5 KB - 1, at most 4) of each row whose last group is in this tile
+    pc = K + tl.arange(0, 4)
+    pmask = (qmask & (grp == G - 1))[:, None] & (pc[None, :] < 5 * KB)
+    pbyte = tl.load(packed_ptr + row[:, None] * KB + pc[None, :] // 5, mask=pmask, other=121).to(tl.int32)
+    pdelta = -trit_of(pbyte, pc[None, :]) * pow3(pc[None, :] % 5)  # to digit 1: the zero trit
+    pat = row[:, None] * KB + pc[None, :] // 5
+    tl.atomic_add(words + (pat >> 2), pdelta << ((pat & 3) * 8), mask=pmask & (pdelta != 0))
+
+
+def fuses(group_size: int, counter_bits: int) -> bool:
+    """Whether one fused kernel runs the update (4-bit counters need an even group size); else two kernels."""
+    return counter_bits == 8 or group_size % 2 == 0
+
+
 _EXP_TILE = 4096  # elements per exponent program (BLOCK_Q * GS_P2)
 
 
@@ -378,6 +459,9 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
     if n == 0:
         zero = torch.zeros((), dtype=torch.int64, device=packed.device)
         return new_packed, new_exp, new_t_accum, new_e_accum, zero, zero.clone()
+    if fuses(group_size, counter_bits):
+        return _launch_fused(packed, exp, t_accum, e_accum, grad, key, k, group_size, flip_cut, exp_threshold,
+                             counter_bits, new_t_accum, new_exp, new_e_accum)
     gs_p2 = triton.next_power_of_2(group_size)
     block_q = min(_EXP_TILE // gs_p2, triton.next_power_of_2(n * g))
     exp_counts = torch.empty(cdiv(n * g, block_q), dtype=torch.int32, device=packed.device)
@@ -393,6 +477,28 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
         NIBBLES=key is None and counter_bits == 4)
     return (new_packed, new_exp, new_t_accum, new_e_accum,
             flip_counts.sum(dtype=torch.int64), exp_counts.sum(dtype=torch.int64))
+
+
+def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
+                  grad: torch.Tensor, key: torch.Tensor | None, k: int, group_size: int, flip_cut: int,
+                  exp_threshold: int, counter_bits: int, new_t_accum: torch.Tensor | None, new_exp: torch.Tensor,
+                  new_e_accum: torch.Tensor) -> Outputs:
+    """The fused kernel: the new packed bytes start as a copy of the old at a 4-byte aligned place in a buffer
+    with room for the atomic adds' last aligned word, and take each flip's byte delta."""
+    n, kb, g = packed.shape[0], packed_width(k), n_groups(k, group_size)
+    buf = torch.empty(packed.numel() + 8, dtype=torch.uint8, device=packed.device)
+    start = -buf.data_ptr() % 4
+    new_packed = buf[start:start + packed.numel()].view(packed.shape)
+    new_packed.copy_(packed)
+    gs_p2 = triton.next_power_of_2(group_size)
+    smallest = min(c.kwargs["TILE"] for c in _FUSED_CONFIGS) // gs_p2
+    counts = torch.zeros((2, cdiv(n * g, max(1, smallest))), dtype=torch.int32, device=packed.device)
+    _fused_kernel[lambda m: (cdiv(n * g, max(1, m["TILE"] // gs_p2)),)](
+        packed, t_accum, grad, key, exp, e_accum, new_packed, new_t_accum, new_exp, new_e_accum, counts[0],
+        counts[1], n * g, k, kb, counter_layout(k, counter_bits)[1], g, flip_cut, exp_threshold, GS=group_size,
+        GS_P2=gs_p2, STOCHASTIC=key is not None, NIBBLES=key is None and counter_bits == 4)
+    flips, moves = counts.sum(1, dtype=torch.int64)
+    return new_packed, new_exp, new_t_accum, new_e_accum, flips, moves
 
 
 def ternary_update_triton(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
