@@ -42,10 +42,12 @@ int32, hashes in int64:
 * padding trits (columns >= k of a row's last byte) are written as zero trits (digit 1), always.
 * flips = number of trits changed; exp_moves = number of exponents changed.
 
-CUDA runs two Triton kernels per op over flattened indices (exponent: a block of (row, group) pairs per
-program; flip: a block of (row, span) pairs per program, a span being two packed bytes: 10 columns, whose
-4-bit counters fill 5 whole bytes, so no byte is shared between programs; its tile size is autotuned per
-shape), each writing a per-program int32 count that torch sums to int64 (deterministic, no atomics). Nibbles are
+CUDA runs, for group sizes 8, 16, 32 and 64, one fused Triton kernel per op (:func:`_fused_kernel`: octets of
+columns per thread, both rules, flipped trits added to their bytes by integer atomics, which commute, so the
+result is deterministic); for other group sizes two kernels over flattened indices (exponent: a block of
+(row, group) pairs per program; flip: a block of (row, span) pairs per program, a span being two packed bytes:
+10 columns, whose 4-bit counters fill 5 whole bytes, so no byte is shared between programs). Tile sizes are
+autotuned per shape; each program writes int32 counts that torch sums to int64. Nibbles are
 loaded as bytes, widened to int32 at once and taken apart there (the interpreter's uint8 bit twiddling is
 unreliable, DESIGN.md §7). Offsets are int32, so N * k must stay below 2**31. CPU runs the pure-torch
 reference, which is also the tests' oracle.
@@ -57,7 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import autotuned, cdiv, check_launchable, pow3, trit_of
+from kernels._triton import (autotuned, cdiv, check_launchable, floor_div_pow3_wide, octet_columns, octet_value,
+                             pow3, trit_of)
 from kernels.packing import check_group_size, n_groups, pack_reference, packed_width, unpack_reference
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -363,36 +366,42 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new
     tl.store(count_ptr + pid, tl.sum(flips, axis=0))
 
 
-_FUSED_CONFIGS = [triton.Config({"TILE": t}, num_warps=w) for t, w in ((2048, 4), (1024, 4), (4096, 8), (2048, 8))]
+_FUSED_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_O": o}, num_warps=w)  # one or two octets per thread: few
+                  for r, o, w in ((1, 128, 4), (2, 128, 4), (1, 256, 4), (1, 128, 2))]  # registers (56-68 at the first)
 
 
-@autotuned(_FUSED_CONFIGS, key=["NG", "K", "GS"], reset_to_zero=["count_ptr", "exp_count_ptr"])
-@triton.jit(do_not_specialize=["NG", "KB", "KT", "G", "TH", "THE"])  # K's divisibility sets the vector width
+@autotuned(_FUSED_CONFIGS, key=["N", "K", "GS"], reset_to_zero=["count_ptr", "exp_count_ptr"])
+@triton.jit(do_not_specialize=["N", "KB", "KT", "G", "TH", "THE"])  # K's divisibility sets the vector width
 def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_ptr, new_packed_ptr,
-                  new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr, exp_count_ptr, NG, K, KB, KT, G, TH, THE,
-                  GS: tl.constexpr, GS_P2: tl.constexpr, TILE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                  new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr, exp_count_ptr, N, K, KB, KT, G, TH, THE,
+                  GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, STOCHASTIC: tl.constexpr,
                   NIBBLES: tl.constexpr):
-    """Both rules in one pass over a tile of TILE // GS_P2 whole groups [(row, group), column in group]:
-    gradients and counters move contiguously along rows, the exponent rule sums over the tile's second axis,
-    and each flipped trit adds (t' - t) * 3**digit to its byte through an int32 atomic add on the aligned word
-    that holds it (``new_packed_ptr``: 4-byte aligned, already a copy of the old bytes, with room after them).
-    Integer adds commute, so the result does not depend on their order; flips are rare, so are the atomics.
-    The program that holds a row's last group also writes the row's padding digits as zero trits.
-    NIBBLES needs an even GS (a counter byte's two columns in one group)."""
-    BLOCK_Q: tl.constexpr = TILE // GS_P2 if TILE >= GS_P2 else 1
+    """Both rules in one pass over a [BLOCK_R rows, BLOCK_O octets, 8 columns] tile (GS a power of two from 8
+    to 8 * BLOCK_O, so the tile holds whole groups): a thread's octet of gradients and counters loads and
+    stores as vectors, its old trits come from :func:`kernels._triton.octet_value` (digits by per-register
+    constants), the exponent rule sums each group over its octets, and each flipped trit adds
+    (t' - t) * 3**digit to its byte through an int32 atomic add on the aligned word that holds it
+    (``new_packed_ptr``: 4-byte aligned, already a copy of the old bytes, with room after them). Integer adds
+    commute, so the result does not depend on their order; flips are rare, so are the atomics. The programs
+    of the last octet block also write each row's padding digits as zero trits."""
+    NGB: tl.constexpr = BLOCK_O * 8 // GS  # groups per tile row
     words = new_packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    pid = tl.program_id(0)
-    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)  # flat (row, group) index over N * G
-    qmask = q < NG
-    row, grp = q // G, q % G
-    j = tl.arange(0, GS_P2)
-    cols = grp[:, None] * GS + j[None, :]
-    mask = qmask[:, None] & (j[None, :] < GS) & (cols < K)
-    offs = row[:, None] * K + cols
-    t = trit_of(tl.load(packed_ptr + row[:, None] * KB + cols // 5, mask=mask, other=121).to(tl.int32), cols)
+    pid_r, pid_o = tl.program_id(0), tl.program_id(1)
+    rn = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rn < N
+    octets = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    cols = octet_columns(octets)  # [1, BLOCK_O, 8]
+    j = tl.arange(0, 8)[None, None, :]
+    mask = row_ok[:, None, None] & (cols < K)
+    offs = rn[:, None, None] * K + cols
+    vf = octet_value(packed_ptr, rn, octets, row_ok[:, None] & (octets * 8 < K)[None, :], KB)[:, :, None]
+    t = (floor_div_pow3_wide(vf, j) - floor_div_pow3_wide(vf, j + 1) * 3.0).to(tl.int32) - 1
     s = _sign_of(grad_ptr, offs, mask)
-    # exponent rule, on the old trits
-    score = tl.sum(s * t, axis=1)
+    # exponent rule, per group of the tile, on the old trits
+    score = tl.sum(tl.reshape(s * t, (BLOCK_R, NGB, GS)), axis=2)
+    g = pid_o * NGB + tl.arange(0, NGB)
+    q = rn[:, None] * G + g[None, :]
+    qmask = row_ok[:, None] & (g < G)[None, :]
     e = tl.load(exp_ptr + q, mask=qmask, other=0).to(tl.int32)
     b = tl.load(e_accum_ptr + q, mask=qmask, other=0).to(tl.int32)
     b = tl.minimum(tl.maximum(b - ((score > 0).to(tl.int32) - (score < 0).to(tl.int32)), -THE), THE)
@@ -400,7 +409,8 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_p
     dec = ((b <= -THE) & (e > -128)).to(tl.int32)
     tl.store(new_exp_ptr + q, (e + inc - dec).to(tl.int8), mask=qmask)
     tl.store(new_e_accum_ptr + q, (b - THE * inc + THE * dec).to(tl.int8), mask=qmask)
-    tl.store(exp_count_ptr + pid, tl.sum(tl.where(qmask, inc + dec, 0), axis=0))
+    pid = pid_r * tl.num_programs(1) + pid_o
+    tl.store(exp_count_ptr + pid, tl.sum(tl.sum(tl.where(qmask, inc + dec, 0), axis=1), axis=0))
     # flip rule
     if STOCHASTIC:
         go = _draw(tl.load(key_ptr), offs) < TH
@@ -408,8 +418,8 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_p
         down = (go & (s > 0) & (t > -1)).to(tl.int32)
     else:
         if NIBBLES:  # counter byte c // 2 of the row: column c in the low nibble for even c, the high for odd
-            pair = tl.load(t_accum_ptr + row[:, None] * KT + cols // 2, mask=mask, other=0).to(tl.int32)
-            nib = (pair >> (4 * (cols % 2))) & 15
+            pair = tl.load(t_accum_ptr + rn[:, None, None] * KT + cols // 2, mask=mask, other=0).to(tl.int32)
+            nib = (pair >> (4 * (j % 2))) & 15
             a = tl.where(mask, nib - ((nib >> 3) << 4), 0) - s
         else:
             a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
@@ -417,31 +427,31 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_p
         up = ((a >= TH) & (t < 1)).to(tl.int32)
         down = ((a <= -TH) & (t > -1)).to(tl.int32)
         a = tl.where(up + down > 0, 0, a)
-        if NIBBLES:  # pairs (2h, 2h + 1) of the group: one byte each; a padding column's a is 0
-            a3 = tl.reshape(a & 15, (BLOCK_Q, GS_P2 // 2, 2))
-            byte_pair = tl.sum(a3 << (4 * tl.arange(0, 2)[None, None, :]), axis=2)
-            h = tl.arange(0, GS_P2 // 2)
-            hcol = (grp[:, None] * GS) // 2 + h[None, :]
-            tl.store(new_t_accum_ptr + row[:, None] * KT + hcol, byte_pair.to(tl.uint8),
-                     mask=qmask[:, None] & (2 * h[None, :] < GS) & (hcol < KT))
+        if NIBBLES:  # an octet's four counter bytes; a padding column's a is 0, so its nibble is written 0
+            a4 = tl.reshape(a & 15, (BLOCK_R, BLOCK_O, 4, 2))
+            pairs = tl.sum(a4 << (4 * tl.arange(0, 2)[None, None, None, :]), axis=3)
+            hcol = octets[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+            tl.store(new_t_accum_ptr + rn[:, None, None] * KT + hcol, pairs.to(tl.uint8),
+                     mask=row_ok[:, None, None] & (hcol < KT))
         else:
             tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
-    delta = (up - down) * pow3(cols % 5)
-    at = row[:, None] * KB + cols // 5
-    tl.atomic_add(words + (at >> 2), delta << ((at & 3) * 8), mask=mask & (delta != 0))
-    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.where(mask, up + down, 0), axis=1), axis=0))
-    # padding digits (columns K .. 5 KB - 1, at most 4) of each row whose last group is in this tile
-    pc = K + tl.arange(0, 4)
-    pmask = (qmask & (grp == G - 1))[:, None] & (pc[None, :] < 5 * KB)
-    pbyte = tl.load(packed_ptr + row[:, None] * KB + pc[None, :] // 5, mask=pmask, other=121).to(tl.int32)
-    pdelta = -trit_of(pbyte, pc[None, :]) * pow3(pc[None, :] % 5)  # to digit 1: the zero trit
-    pat = row[:, None] * KB + pc[None, :] // 5
-    tl.atomic_add(words + (pat >> 2), pdelta << ((pat & 3) * 8), mask=pmask & (pdelta != 0))
+    moved = up - down
+    at = rn[:, None, None] * KB + cols // 5
+    tl.atomic_add(words + (at >> 2), (moved * pow3(cols % 5)) << ((at & 3) * 8), mask=mask & (moved != 0))
+    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(tl.where(mask, up + down, 0), axis=2), axis=1), axis=0))
+    if pid_o == tl.num_programs(1) - 1:  # padding digits (columns K .. 5 KB - 1, at most 4) of these rows
+        pc = K + tl.arange(0, 4)
+        pmask = row_ok[:, None] & (pc[None, :] < 5 * KB)
+        pat = rn[:, None] * KB + pc[None, :] // 5
+        pbyte = tl.load(packed_ptr + pat, mask=pmask, other=121).to(tl.int32)
+        pdelta = -trit_of(pbyte, pc[None, :]) * pow3(pc[None, :] % 5)  # to digit 1: the zero trit
+        tl.atomic_add(words + (pat >> 2), pdelta << ((pat & 3) * 8), mask=pmask & (pdelta != 0))
 
 
-def fuses(group_size: int, counter_bits: int) -> bool:
-    """Whether one fused kernel runs the update (4-bit counters need an even group size); else two kernels."""
-    return counter_bits == 8 or group_size % 2 == 0
+def fuses(group_size: int) -> bool:
+    """Whether one fused kernel runs the update: group sizes that are powers of two from 8 to 64 (a tile row of
+    the smallest config holds whole groups); others run the exponent and flip kernels."""
+    return group_size in (8, 16, 32, 64)
 
 
 _EXP_TILE = 4096  # elements per exponent program (BLOCK_Q * GS_P2)
@@ -459,7 +469,7 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
     if n == 0:
         zero = torch.zeros((), dtype=torch.int64, device=packed.device)
         return new_packed, new_exp, new_t_accum, new_e_accum, zero, zero.clone()
-    if fuses(group_size, counter_bits):
+    if fuses(group_size):
         return _launch_fused(packed, exp, t_accum, e_accum, grad, key, k, group_size, flip_cut, exp_threshold,
                              counter_bits, new_t_accum, new_exp, new_e_accum)
     gs_p2 = triton.next_power_of_2(group_size)
@@ -490,13 +500,13 @@ def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor
     start = -buf.data_ptr() % 4
     new_packed = buf[start:start + packed.numel()].view(packed.shape)
     new_packed.copy_(packed)
-    gs_p2 = triton.next_power_of_2(group_size)
-    smallest = min(c.kwargs["TILE"] for c in _FUSED_CONFIGS) // gs_p2
-    counts = torch.zeros((2, cdiv(n * g, max(1, smallest))), dtype=torch.int32, device=packed.device)
-    _fused_kernel[lambda m: (cdiv(n * g, max(1, m["TILE"] // gs_p2)),)](
+    n_octets = cdiv(k, 8)
+    tiles = max(cdiv(n, c.kwargs["BLOCK_R"]) * cdiv(n_octets, c.kwargs["BLOCK_O"]) for c in _FUSED_CONFIGS)
+    counts = torch.zeros((2, tiles), dtype=torch.int32, device=packed.device)
+    _fused_kernel[lambda m: (cdiv(n, m["BLOCK_R"]), cdiv(n_octets, m["BLOCK_O"]))](
         packed, t_accum, grad, key, exp, e_accum, new_packed, new_t_accum, new_exp, new_e_accum, counts[0],
-        counts[1], n * g, k, kb, counter_layout(k, counter_bits)[1], g, flip_cut, exp_threshold, GS=group_size,
-        GS_P2=gs_p2, STOCHASTIC=key is not None, NIBBLES=key is None and counter_bits == 4)
+        counts[1], n, k, kb, counter_layout(k, counter_bits)[1], g, flip_cut, exp_threshold, GS=group_size,
+        STOCHASTIC=key is not None, NIBBLES=key is None and counter_bits == 4)
     flips, moves = counts.sum(1, dtype=torch.int64)
     return new_packed, new_exp, new_t_accum, new_e_accum, flips, moves
 
