@@ -366,6 +366,14 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new
     tl.store(count_ptr + pid, tl.sum(flips, axis=0))
 
 
+@triton.jit
+def _add_to_byte(words, rn, q0, i: tl.constexpr, delta, row_ok, KB):
+    """Atomically add ``delta`` [rows, octets] to byte ``q0 + i`` of each row (an int32 add on its aligned word;
+    the byte's final value lies in 0..242, so a carry or borrow between partial adds cancels out)."""
+    at = rn[:, None] * KB + q0[None, :] + i
+    tl.atomic_add(words + (at >> 2), delta << ((at & 3) * 8), mask=row_ok[:, None] & (q0[None, :] + i < KB) & (delta != 0))
+
+
 _FUSED_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_O": o}, num_warps=w)  # one or two octets per thread: few
                   for r, o, w in ((1, 128, 4), (2, 128, 4), (1, 256, 4), (1, 128, 2))]  # registers (56-68 at the first)
 
@@ -435,9 +443,15 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_p
                      mask=row_ok[:, None, None] & (hcol < KT))
         else:
             tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
-    moved = up - down
-    at = rn[:, None, None] * KB + cols // 5
-    tl.atomic_add(words + (at >> 2), (moved * pow3(cols % 5)) << ((at & 3) * 8), mask=mask & (moved != 0))
+    # each octet's flips as deltas of the (at most) three bytes under it: column j of the octet is digit r0 + j
+    # of byte q0 when r0 + j < 5, digit r0 + j - 5 of byte q0 + 1 below 10, else digit r0 + j - 10 of q0 + 2
+    q0 = octets * 8 // 5
+    r0 = octets * 8 - 5 * q0
+    lo = (5 - r0)[None, :, None]
+    place = (up - down) * pow3(r0)[None, :, None] * tl.where(j < 5, pow3(j), 243 * pow3(j - 5))  # moved * 3**(r0+j)
+    _add_to_byte(words, rn, q0, 0, tl.sum(tl.where(j < lo, place, 0), axis=2), row_ok, KB)
+    _add_to_byte(words, rn, q0, 1, tl.sum(tl.where((j >= lo) & (j < lo + 5), place, 0), axis=2) // 243, row_ok, KB)
+    _add_to_byte(words, rn, q0, 2, tl.sum(tl.where(j >= lo + 5, place, 0), axis=2) // 59049, row_ok, KB)
     tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(tl.where(mask, up + down, 0), axis=2), axis=1), axis=0))
     if pid_o == tl.num_programs(1) - 1:  # padding digits (columns K .. 5 KB - 1, at most 4) of these rows
         pc = K + tl.arange(0, 4)
