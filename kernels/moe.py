@@ -38,7 +38,7 @@ def route_combine_bwd_weights_reference(g: torch.Tensor, expert_out: torch.Tenso
 # ---------------------------------------------------------------- Triton kernels
 
 
-@triton.jit(do_not_specialize=["E", "N", "D"])  # sizes vary per call: one compile, not one per size
+@triton.jit(do_not_specialize=["E", "N"])  # D specialised: 16-byte row vectors where D is a multiple of 16
 def _route_combine_kernel(x_ptr, w_ptr, y_ptr, E, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -51,7 +51,7 @@ def _route_combine_kernel(x_ptr, w_ptr, y_ptr, E, N, D, BLOCK_N: tl.constexpr, B
     tl.store(y_ptr + rn[:, None] * D + rd[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["E", "N", "D"])
+@triton.jit(do_not_specialize=["E", "N"])  # D specialised: 16-byte row vectors where D is a multiple of 16
 def _route_combine_bwd_expert_kernel(g_ptr, w_ptr, out_ptr, E, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     e = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,7 +63,7 @@ def _route_combine_bwd_expert_kernel(g_ptr, w_ptr, out_ptr, E, N, D, BLOCK_N: tl
              mask=mask)
 
 
-@triton.jit(do_not_specialize=["E", "N", "D"])
+@triton.jit(do_not_specialize=["E", "N"])  # D specialised: 16-byte row vectors where D is a multiple of 16
 def _route_combine_bwd_weights_kernel(g_ptr, x_ptr, out_ptr, E, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     e = tl.program_id(1)
