@@ -3,7 +3,8 @@
 A packed byte holds 5 trits, so it takes one of 243 values. For each input row m, group g and byte slot s
 (the s-th byte that group g's columns touch), the table holds, for every byte value v,
 ``table[m, g, s, v] = Σ_d trit_d(v) · x[m, 5·(g·GS//5 + s) + d]`` over the digits d whose column lies in group
-g (fp32: the same five products as a decode, summed once per call instead of once per weight row). The GEMV
+g (fp32: the same five products as a decode, summed once per call instead of once per weight row; 1 KB per
+(input row, group, slot), so 2 MiB for one row of K = 8192 at group size 32). The GEMV
 then costs one byte extraction, one table load and one add per (row, slot), and the group's scale ``2**E``
 once per (row, group): ``y[m, n] = Σ_g 2**E[n, g] · Σ_s table[m, g, s, byte(n, g, s)]``.
 
@@ -36,11 +37,6 @@ def slots(group_size: int) -> int:
 def fits(group_size: int) -> bool:
     """Whether the table GEMV handles this group size (each group touches at most MAX_SLOTS bytes)."""
     return slots(group_size) <= MAX_SLOTS
-
-
-def table_bytes(m: int, k: int, group_size: int) -> int:
-    """Bytes of the transient fp32 table for ``m`` input rows of width ``k`` (1 KB per (row, group, slot))."""
-    return m * n_groups(k, group_size) * slots(group_size) * TABLE_WIDTH * 4
 
 
 _TABLE_BLOCK = 16  # (group, slot) pairs per table program
@@ -83,7 +79,8 @@ def _gemv_kernel(table_ptr, out_ptr, packed_ptr, exp_ptr, N, K, KB, G, SPLIT_G, 
                  GS: tl.constexpr, SL: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (row block, K split, input row m) writes ``Σ_g 2**E[n, g] Σ_s table[m, g, s, byte]`` over its
     SPLIT_G groups into ``out[m, split, n]`` (fp32). ``packed_ptr - BASE`` is 4-byte aligned; N_WORDS words
-    cover the packed weight (the last one may run up to 3 bytes past it, never past its aligned word)."""
+    cover the packed weight. The first and last words may hold up to 3 bytes outside it, which are read (never
+    past an aligned word, so never past an allocation) but never used."""
     pid_s, m = tl.program_id(1), tl.program_id(2)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rn < N

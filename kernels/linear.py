@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import autotuned, cdiv, check_launchable, decode_octets, floor_div_pow3, octet_columns, pow2_exact
 from kernels import gemv_lut
+from kernels._triton import autotuned, cdiv, check_launchable, decode_octets, floor_div_pow3, octet_columns, pow2_exact
 from kernels._vmap import activation_vmap_rule
 from kernels.packing import decode_reference, n_groups, packed_width
 

@@ -65,10 +65,6 @@ def test_rejects_groups_that_do_not_fit(kernel_device):
                           100, 40, 1)
 
 
-def test_table_size():
-    assert gemv_lut.table_bytes(1, 8192, 32) == 256 * 8 * 256 * 4  # 2 MiB: 1 KB per (group, slot)
-
-
 @pytest.mark.parametrize("gs,uses_table", [(32, True), (6, True), (36, True), (37, False), (64, False)])
 def test_few_row_forward_takes_the_table_gemv_where_it_fits(kernel_device, monkeypatch, gs, uses_table):
     calls = []
