@@ -534,8 +534,9 @@ def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor
         packed, t_accum, grad, key, exp, e_accum, new_packed, new_t_accum, new_exp, new_e_accum, counts[0],
         counts[1], n, k, kb, counter_layout(k, counter_bits)[1], g, flip_cut, exp_threshold, GS=group_size,
         STOCHASTIC=key is not None, NIBBLES=key is None and counter_bits == 4)
-    flips, moves = counts.sum(1, dtype=torch.int64)
-    return new_packed, new_exp, new_t_accum, new_e_accum, flips, moves
+    # two separate sums: views of one tensor would alias the op's outputs
+    return (new_packed, new_exp, new_t_accum, new_e_accum, counts[0].sum(dtype=torch.int64),
+            counts[1].sum(dtype=torch.int64))
 
 
 def ternary_update_triton(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,
