@@ -419,7 +419,9 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_p
     t = (floor_div_pow3_wide(vf, j) - floor_div_pow3_wide(vf, j + 1) * 3.0).to(tl.int32) - 1
     s = _sign_of(grad_ptr, offs, mask)
     # exponent rule, per group of the tile, on the old trits
-    score = tl.sum(tl.reshape(s * t, (BLOCK_R, NGB, GS)), axis=2)
+    # octet sums first, then groups of octets: summing a [BLOCK_R, NGB, GS] reshape of the tile gave wrong
+    # scores on sm_90 with BLOCK_R = 2 (triton 3.6), right ones in the interpreter
+    score = tl.sum(tl.reshape(tl.sum(s * t, axis=2), (BLOCK_R, NGB, GS // 8)), axis=2)
     g = pid_o * NGB + tl.arange(0, NGB)
     q = rn[:, None] * G + g[None, :]
     qmask = row_ok[:, None] & (g < G)[None, :]

@@ -172,4 +172,4 @@ def test_every_fused_update_config_matches_reference(kernel_device, monkeypatch,
             out = update.ternary_update_triton(**dev, t_accum=t_acc.to(kernel_device), k=k, group_size=gs,
                                                flip_threshold=th, exp_threshold=the, counter_bits=bits)
         for got, want in zip(out, ref):
-            assert torch.equal(got.cpu(), want), config
+            assert torch.equal(got.cpu(), want), config.all_kwargs()
