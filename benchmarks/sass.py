@@ -125,6 +125,14 @@ def cases() -> list[Case]:
         out.append(Case(f"flip ({mode})", update._flip_kernel, flip,
                         {"BLOCK_S": 128, "STOCHASTIC": mode == "stochastic", "NIBBLES": mode == "nibble"},
                         (0, 1, 2, 3, 4, 5, 6, 8), 4, 128 * 10 / 128, "weight"))
+    fused = {"packed_ptr": "*u8", "t_accum_ptr": "*i8", "grad_ptr": "*fp32", "key_ptr": "*i64", "exp_ptr": "*i8",
+             "e_accum_ptr": "*i8", "new_packed_ptr": "*u8", "new_t_accum_ptr": "*i8", "new_exp_ptr": "*i8",
+             "new_e_accum_ptr": "*i8", "count_ptr": "*i32", "exp_count_ptr": "*i32", "N": "i32", "K": "i32",
+             "KB": "i32", "KT": "i32", "G": "i32", "TH": "i32", "THE": "i32"}
+    for mode in ("counter", "stochastic", "nibble"):  # the whole update in one kernel (branch wip/update-atomic)
+        out.append(Case(f"fused update ({mode})", update._fused_kernel, fused,
+                        {"GS": gs, "BLOCK_R": 1, "BLOCK_O": 128, "STOCHASTIC": mode == "stochastic",
+                         "NIBBLES": mode == "nibble"}, tuple(range(12)) + (13,), 4, 128 * 8 / 128, "weight"))
     out.append(Case("exponent", update._exp_update_kernel, exp, {"GS": gs, "GS_P2": gs, "BLOCK_Q": 128},
                     (0, 1, 2, 3, 4, 5, 6, 8), 4, 128 * gs / 128, "weight"))
     return out

@@ -42,10 +42,12 @@ int32, hashes in int64:
 * padding trits (columns >= k of a row's last byte) are written as zero trits (digit 1), always.
 * flips = number of trits changed; exp_moves = number of exponents changed.
 
-CUDA runs two Triton kernels per op over flattened indices (exponent: a block of (row, group) pairs per
-program; flip: a block of (row, span) pairs per program, a span being two packed bytes: 10 columns, whose
-4-bit counters fill 5 whole bytes, so no byte is shared between programs; its tile size is autotuned per
-shape), each writing a per-program int32 count that torch sums to int64 (deterministic, no atomics). Nibbles are
+CUDA runs, for group sizes 8, 16, 32 and 64, one fused Triton kernel per op (:func:`_fused_kernel`: octets of
+columns per thread, both rules, flipped trits added to their bytes by integer atomics, which commute, so the
+result is deterministic); for other group sizes two kernels over flattened indices (exponent: a block of
+(row, group) pairs per program; flip: a block of (row, span) pairs per program, a span being two packed bytes:
+10 columns, whose 4-bit counters fill 5 whole bytes, so no byte is shared between programs). Tile sizes are
+autotuned per shape; each program writes int32 counts that torch sums to int64. Nibbles are
 loaded as bytes, widened to int32 at once and taken apart there (the interpreter's uint8 bit twiddling is
 unreliable, DESIGN.md §7). Offsets are int32, so N * k must stay below 2**31. CPU runs the pure-torch
 reference, which is also the tests' oracle.
@@ -57,7 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import autotuned, cdiv, check_launchable, pow3, trit_of
+from kernels._triton import (autotuned, cdiv, check_launchable, floor_div_pow3_wide, octet_columns, octet_value,
+                             pow3, trit_of)
 from kernels.packing import check_group_size, n_groups, pack_reference, packed_width, unpack_reference
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -363,6 +366,123 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new
     tl.store(count_ptr + pid, tl.sum(flips, axis=0))
 
 
+@triton.jit
+def _draw32(key, offs):
+    """:func:`_draw` in uint32 arithmetic (products wrap mod 2**32 as the int64 form's masks do): the same
+    24-bit draws in fewer, 32-bit instructions."""
+    x = offs.to(tl.uint32) * 0x61C88647 + key.to(tl.uint32)
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    x = x ^ (x >> 15)
+    return (x >> 8).to(tl.int32)
+
+
+@triton.jit
+def _add_to_byte(words, rn, q0, i: tl.constexpr, delta, row_ok, KB):
+    """Atomically add ``delta`` [rows, octets] to byte ``q0 + i`` of each row (an int32 add on its aligned word;
+    the byte's final value lies in 0..242, so a carry or borrow between partial adds cancels out)."""
+    at = rn[:, None] * KB + q0[None, :] + i
+    tl.atomic_add(words + (at >> 2), delta << ((at & 3) * 8), mask=row_ok[:, None] & (q0[None, :] + i < KB) & (delta != 0))
+
+
+_FUSED_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_O": o}, num_warps=w)  # one or two octets per thread: few
+                  for r, o, w in ((1, 128, 4), (2, 128, 4), (1, 256, 4), (1, 128, 2))]  # registers (56-68 at the first)
+
+
+@autotuned(_FUSED_CONFIGS, key=["N", "K", "GS"], reset_to_zero=["count_ptr", "exp_count_ptr"])
+@triton.jit(do_not_specialize=["N", "KB", "KT", "G", "TH", "THE"])  # K's divisibility sets the vector width
+def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_ptr, new_packed_ptr,
+                  new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr, exp_count_ptr, N, K, KB, KT, G, TH, THE,
+                  GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, STOCHASTIC: tl.constexpr,
+                  NIBBLES: tl.constexpr):
+    """Both rules in one pass over a [BLOCK_R rows, BLOCK_O octets, 8 columns] tile (GS a power of two from 8
+    to 8 * BLOCK_O, so the tile holds whole groups): a thread's octet of gradients and counters loads and
+    stores as vectors, its old trits come from :func:`kernels._triton.octet_value` (digits by per-register
+    constants), the exponent rule sums each group over its octets, and each flipped trit adds
+    (t' - t) * 3**digit to its byte through an int32 atomic add on the aligned word that holds it
+    (``new_packed_ptr``: 4-byte aligned, already a copy of the old bytes, with room after them). Integer adds
+    commute, so the result does not depend on their order; flips are rare, so are the atomics. The programs
+    of the last octet block also write each row's padding digits as zero trits."""
+    NGB: tl.constexpr = BLOCK_O * 8 // GS  # groups per tile row
+    words = new_packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    pid_r, pid_o = tl.program_id(0), tl.program_id(1)
+    rn = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rn < N
+    octets = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    cols = octet_columns(octets)  # [1, BLOCK_O, 8]
+    j = tl.arange(0, 8)[None, None, :]
+    mask = row_ok[:, None, None] & (cols < K)
+    offs = rn[:, None, None] * K + cols
+    vf = octet_value(packed_ptr, rn, octets, row_ok[:, None] & (octets * 8 < K)[None, :], KB)[:, :, None]
+    t = (floor_div_pow3_wide(vf, j) - floor_div_pow3_wide(vf, j + 1) * 3.0).to(tl.int32) - 1
+    s = _sign_of(grad_ptr, offs, mask)
+    # exponent rule, per group of the tile, on the old trits
+    # octet sums first, then groups of octets: summing a [BLOCK_R, NGB, GS] reshape of the tile gave wrong
+    # scores on sm_90 with BLOCK_R = 2 (triton 3.6), right ones in the interpreter
+    score = tl.sum(tl.reshape(tl.sum(s * t, axis=2), (BLOCK_R, NGB, GS // 8)), axis=2)
+    g = pid_o * NGB + tl.arange(0, NGB)
+    q = rn[:, None] * G + g[None, :]
+    qmask = row_ok[:, None] & (g < G)[None, :]
+    e = tl.load(exp_ptr + q, mask=qmask, other=0).to(tl.int32)
+    b = tl.load(e_accum_ptr + q, mask=qmask, other=0).to(tl.int32)
+    b = tl.minimum(tl.maximum(b - ((score > 0).to(tl.int32) - (score < 0).to(tl.int32)), -THE), THE)
+    inc = ((b >= THE) & (e < 127)).to(tl.int32)
+    dec = ((b <= -THE) & (e > -128)).to(tl.int32)
+    tl.store(new_exp_ptr + q, (e + inc - dec).to(tl.int8), mask=qmask)
+    tl.store(new_e_accum_ptr + q, (b - THE * inc + THE * dec).to(tl.int8), mask=qmask)
+    pid = pid_r * tl.num_programs(1) + pid_o
+    tl.store(exp_count_ptr + pid, tl.sum(tl.sum(tl.where(qmask, inc + dec, 0), axis=1), axis=0))
+    # flip rule
+    if STOCHASTIC:
+        go = _draw32(tl.load(key_ptr), offs) < TH
+        up = (go & (s < 0) & (t < 1)).to(tl.int32)
+        down = (go & (s > 0) & (t > -1)).to(tl.int32)
+    else:
+        if NIBBLES:  # counter byte c // 2 of the row: column c in the low nibble for even c, the high for odd
+            pair = tl.load(t_accum_ptr + rn[:, None, None] * KT + cols // 2, mask=mask, other=0).to(tl.int32)
+            nib = (pair >> (4 * (j % 2))) & 15
+            a = tl.where(mask, nib - ((nib >> 3) << 4), 0) - s
+        else:
+            a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
+        a = tl.minimum(tl.maximum(a, -TH), TH)
+        up = ((a >= TH) & (t < 1)).to(tl.int32)
+        down = ((a <= -TH) & (t > -1)).to(tl.int32)
+        a = tl.where(up + down > 0, 0, a)
+        if NIBBLES:  # an octet's four counter bytes; a padding column's a is 0, so its nibble is written 0
+            a4 = tl.reshape(a & 15, (BLOCK_R, BLOCK_O, 4, 2))
+            pairs = tl.sum(a4 << (4 * tl.arange(0, 2)[None, None, None, :]), axis=3)
+            hcol = octets[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+            tl.store(new_t_accum_ptr + rn[:, None, None] * KT + hcol, pairs.to(tl.uint8),
+                     mask=row_ok[:, None, None] & (hcol < KT))
+        else:
+            tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
+    # each octet's flips as deltas of the (at most) three bytes under it: column j of the octet is digit r0 + j
+    # of byte q0 when r0 + j < 5, digit r0 + j - 5 of byte q0 + 1 below 10, else digit r0 + j - 10 of q0 + 2
+    q0 = octets * 8 // 5
+    r0 = octets * 8 - 5 * q0
+    lo = (5 - r0)[None, :, None]
+    place = (up - down) * pow3(r0)[None, :, None] * tl.where(j < 5, pow3(j), 243 * pow3(j - 5))  # moved * 3**(r0+j)
+    _add_to_byte(words, rn, q0, 0, tl.sum(tl.where(j < lo, place, 0), axis=2), row_ok, KB)
+    _add_to_byte(words, rn, q0, 1, tl.sum(tl.where((j >= lo) & (j < lo + 5), place, 0), axis=2) // 243, row_ok, KB)
+    _add_to_byte(words, rn, q0, 2, tl.sum(tl.where(j >= lo + 5, place, 0), axis=2) // 59049, row_ok, KB)
+    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(tl.where(mask, up + down, 0), axis=2), axis=1), axis=0))
+    if pid_o == tl.num_programs(1) - 1:  # padding digits (columns K .. 5 KB - 1, at most 4) of these rows
+        pc = K + tl.arange(0, 4)
+        pmask = row_ok[:, None] & (pc[None, :] < 5 * KB)
+        pat = rn[:, None] * KB + pc[None, :] // 5
+        pbyte = tl.load(packed_ptr + pat, mask=pmask, other=121).to(tl.int32)
+        pdelta = -trit_of(pbyte, pc[None, :]) * pow3(pc[None, :] % 5)  # to digit 1: the zero trit
+        tl.atomic_add(words + (pat >> 2), pdelta << ((pat & 3) * 8), mask=pmask & (pdelta != 0))
+
+
+def fuses(group_size: int) -> bool:
+    """Whether one fused kernel runs the update: group sizes that are powers of two from 8 to 64 (a tile row of
+    the smallest config holds whole groups); others run the exponent and flip kernels."""
+    return group_size in (8, 16, 32, 64)
+
+
 _EXP_TILE = 4096  # elements per exponent program (BLOCK_Q * GS_P2)
 
 
@@ -378,6 +498,9 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
     if n == 0:
         zero = torch.zeros((), dtype=torch.int64, device=packed.device)
         return new_packed, new_exp, new_t_accum, new_e_accum, zero, zero.clone()
+    if fuses(group_size):
+        return _launch_fused(packed, exp, t_accum, e_accum, grad, key, k, group_size, flip_cut, exp_threshold,
+                             counter_bits, new_t_accum, new_exp, new_e_accum)
     gs_p2 = triton.next_power_of_2(group_size)
     block_q = min(_EXP_TILE // gs_p2, triton.next_power_of_2(n * g))
     exp_counts = torch.empty(cdiv(n * g, block_q), dtype=torch.int32, device=packed.device)
@@ -393,6 +516,29 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
         NIBBLES=key is None and counter_bits == 4)
     return (new_packed, new_exp, new_t_accum, new_e_accum,
             flip_counts.sum(dtype=torch.int64), exp_counts.sum(dtype=torch.int64))
+
+
+def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
+                  grad: torch.Tensor, key: torch.Tensor | None, k: int, group_size: int, flip_cut: int,
+                  exp_threshold: int, counter_bits: int, new_t_accum: torch.Tensor | None, new_exp: torch.Tensor,
+                  new_e_accum: torch.Tensor) -> Outputs:
+    """The fused kernel: the new packed bytes start as a copy of the old at a 4-byte aligned place in a buffer
+    with room for the atomic adds' last aligned word, and take each flip's byte delta."""
+    n, kb, g = packed.shape[0], packed_width(k), n_groups(k, group_size)
+    buf = torch.empty(packed.numel() + 8, dtype=torch.uint8, device=packed.device)
+    start = -buf.data_ptr() % 4
+    new_packed = buf[start:start + packed.numel()].view(packed.shape)
+    new_packed.copy_(packed)
+    n_octets = cdiv(k, 8)
+    tiles = max(cdiv(n, c.kwargs["BLOCK_R"]) * cdiv(n_octets, c.kwargs["BLOCK_O"]) for c in _FUSED_CONFIGS)
+    counts = torch.zeros((2, tiles), dtype=torch.int32, device=packed.device)
+    _fused_kernel[lambda m: (cdiv(n, m["BLOCK_R"]), cdiv(n_octets, m["BLOCK_O"]))](
+        packed, t_accum, grad, key, exp, e_accum, new_packed, new_t_accum, new_exp, new_e_accum, counts[0],
+        counts[1], n, k, kb, counter_layout(k, counter_bits)[1], g, flip_cut, exp_threshold, GS=group_size,
+        STOCHASTIC=key is not None, NIBBLES=key is None and counter_bits == 4)
+    # two separate sums: views of one tensor would alias the op's outputs
+    return (new_packed, new_exp, new_t_accum, new_e_accum, counts[0].sum(dtype=torch.int64),
+            counts[1].sum(dtype=torch.int64))
 
 
 def ternary_update_triton(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor, e_accum: torch.Tensor,

@@ -141,3 +141,35 @@ def test_every_flip_config_matches_reference(kernel_device, mode, n, k):
         assert torch.equal(new_packed.cpu(), ref_packed), config
         assert new_t is None or torch.equal(new_t.cpu(), ref_t), config
         assert int(counts.sum()) == int(ref_flips), config
+
+
+@pytest.mark.parametrize("mode", ["counter", "stochastic", "nibble"])
+@pytest.mark.parametrize("n,k,gs", [(3, 1283, 32), (5, 333, 8), (2, 2051, 64)])
+def test_every_fused_update_config_matches_reference(kernel_device, monkeypatch, mode, n, k, gs):
+    """The fused update (both rules, atomic byte deltas) at every tile config, through the op's own launch."""
+    if not hasattr(update._fused_kernel, "config"):
+        pytest.skip("the tuner picks the config here: run with ARBFN_AUTOTUNE=0 to test each one")
+    g = torch.Generator().manual_seed(k + 5)
+    th, the = 3, 2
+    packed = pack_reference(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
+    grad = torch.randn((n, k), generator=g).masked_fill(torch.rand((n, k), generator=g) < 0.1, 0.0)
+    exp = torch.randint(-5, 5, (n, n_groups(k, gs)), generator=g, dtype=torch.int8)
+    e_acc = torch.randint(-1, 2, exp.shape, generator=g, dtype=torch.int8)
+    counters = torch.randint(1 - th, th, (n, k), generator=g, dtype=torch.int8)
+    step = torch.tensor(5, dtype=torch.int64)
+    dev = {"packed": packed.to(kernel_device), "exp": exp.to(kernel_device), "e_accum": e_acc.to(kernel_device),
+           "grad": grad.to(kernel_device)}
+    for config in update._fused_kernel.configs:
+        monkeypatch.setattr(update._fused_kernel, "config", config)
+        if mode == "stochastic":
+            ref = update.ternary_update_stochastic_reference(packed, exp, e_acc, grad, step, k, gs, th, the, 7)
+            out = update.ternary_update_stochastic_triton(**dev, step=step.to(kernel_device), k=k, group_size=gs,
+                                                          flip_threshold=th, exp_threshold=the, seed=7)
+        else:
+            bits = 4 if mode == "nibble" else 8
+            t_acc = update.pack_nibbles(counters) if bits == 4 else counters
+            ref = update.ternary_update_reference(packed, exp, t_acc, e_acc, grad, k, gs, th, the, counter_bits=bits)
+            out = update.ternary_update_triton(**dev, t_accum=t_acc.to(kernel_device), k=k, group_size=gs,
+                                               flip_threshold=th, exp_threshold=the, counter_bits=bits)
+        for got, want in zip(out, ref):
+            assert torch.equal(got.cpu(), want), config.all_kwargs()
