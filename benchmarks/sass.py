@@ -102,6 +102,8 @@ def cases() -> list[Case]:
            "new_e_accum_ptr": "*i8", "count_ptr": "*i32", "NG": "i32", "K": "i32", "KB": "i32", "G": "i32",
            "THE": "i32"}
     gs = 32
+    chunk_groups, chunk_bytes = gemv_lut.chunk_shape(gs)
+    lookups = sum((q * gs + gs - 1) // 5 - q * gs // 5 + 1 for q in range(chunk_groups))  # per lane and chunk
     out = [
         Case("decode", linear._decode_kernel, {"packed_ptr": "*u8", "exp_ptr": "*i8", "w_ptr": "*bf16", "N": "i32",
                                                "K": "i32", "KB": "i32", "G": "i32"},
@@ -116,10 +118,11 @@ def cases() -> list[Case]:
              {"GS": gs, "SLOTS": gemv_slots(gs), "BLOCK_N": 64, "BLOCK_G": 2, "FLOAT_DIGITS": 2}, (0, 1, 2, 3, 5), 4,
              64 * 2 * gemv_slots(gs) / 128, "(row, byte slot)", loop=True),
         Case("gemv_lut", gemv_lut._gemv_kernel,
-             {"table_ptr": "*fp32", "out_ptr": "*fp32", "packed_ptr": "*u8", "exp_ptr": "*i8", "N": "i32", "K": "i32",
-              "KB": "i32", "G": "i32", "SPLIT_G": "i32", "BASE": "i32", "N_WORDS": "i32"},
-             {"GS": gs, "SL": gemv_lut.slots(gs), "BLOCK_N": 256}, (0, 1, 2, 3), 8, 256 / 256 * gemv_lut.slots(gs),
-             "(row, byte slot)", loop=True),
+             {"table_ptr": "*fp16", "scale_ptr": "*fp32", "out_ptr": "*fp32", "packed_ptr": "*u8", "exp_ptr": "*i8",
+              "N": "i32", "K": "i32", "KB": "i32", "G": "i32", "SPLIT_C": "i32", "BASE_P": "i32", "BASE_E": "i32",
+              "WORDS_P": "i32", "WORDS_E": "i32"},
+             {"GS": gs, "SL": gemv_lut.slots(gs), "CH_G": chunk_groups, "CH_B": chunk_bytes, "M": 1, "BLOCK_N": 256},
+             (0, 1, 2, 3, 4), 8, lookups, "(row, byte slot)", loop=True),
     ]
     for mode in ("counter", "stochastic", "nibble"):
         out.append(Case(f"flip ({mode})", update._flip_kernel, flip,
