@@ -61,7 +61,7 @@ def linear_rows(device: torch.device, shapes: list[tuple[int, int]], ms: list[in
             x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
             on_gpu = device.type == "cuda"
             gemv = (graph_ms(rotating(lambda p, e: ops_linear._gemv(x, p, e, k, GROUP_SIZE), weights), device)
-                    if on_gpu and m <= 16 else float("nan"))
+                    if on_gpu and m <= ops_linear.GEMV_MAX_M else float("nan"))
             via_decode = (graph_ms(rotating(lambda p, e: x @ ops_linear.decode_triton(p, e, k, GROUP_SIZE, x.dtype).T,
                                             weights), device) if on_gpu else float("nan"))
             ternary = graph_ms(rotating(lambda p, e: torch.ops.arbfn.linear_fwd(x, p, e, k, GROUP_SIZE), weights), device)
