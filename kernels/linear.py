@@ -127,7 +127,7 @@ def _linear_gemv_kernel(x_ptr, out_ptr, packed_ptr, exp_ptr, N, K, KB, G, SPLIT_
     tl.store(out_ptr + (m * tl.num_programs(1) + pid_s) * N + rn, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-GEMV_MAX_M = 2  # up to this many input rows the GEMV kernel (one pass per row) beats decode + cuBLAS (RESULTS.md)
+GEMV_MAX_M = 2  # up to this many input rows a GEMV beats decode + cuBLAS (RESULTS.md); gemv_lut.MAX_ROWS matches it
 GEMV_ROWS_X_SPLITS = 65536  # the K split: enough (row, split) pairs that a few-row GEMV fills the GPU
 GEMV_MIN_SPLIT_COLUMNS = 256  # ... but no split narrower than this (each program's fixed costs)
 
