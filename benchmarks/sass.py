@@ -132,7 +132,7 @@ def cases() -> list[Case]:
              "e_accum_ptr": "*i8", "new_packed_ptr": "*u8", "new_t_accum_ptr": "*i8", "new_exp_ptr": "*i8",
              "new_e_accum_ptr": "*i8", "count_ptr": "*i32", "exp_count_ptr": "*i32", "N": "i32", "K": "i32",
              "KB": "i32", "KT": "i32", "G": "i32", "TH": "i32", "THE": "i32"}
-    for mode in ("counter", "stochastic", "nibble"):  # the whole update in one kernel (branch wip/update-atomic)
+    for mode in ("counter", "stochastic", "nibble"):  # the whole update in one kernel (group sizes 8-64)
         out.append(Case(f"fused update ({mode})", update._fused_kernel, fused,
                         {"GS": gs, "BLOCK_R": 1, "BLOCK_O": 128, "STOCHASTIC": mode == "stochastic",
                          "NIBBLES": mode == "nibble"}, tuple(range(12)) + (13,), 4, 128 * 8 / 128, "weight"))
