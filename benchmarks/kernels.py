@@ -48,8 +48,8 @@ def tuned(kernel) -> str:
 
 def linear_rows(device: torch.device, shapes: list[tuple[int, int]], ms: list[int], copy_gbs: float) -> list[list]:
     """One row per (shape, M): ternary (the op's dispatch) vs bf16 cuBLAS vs naive unpack-then-matmul, and both
-    ternary paths apart (the packed-byte GEMV up to M = 16, which is the table GEMV at group size 32; the Triton
-    decode + one matmul), each replayed from a CUDA graph with its weights rotated past L2; the tuned config of
+    ternary paths apart (the packed-byte GEMV where the op takes it, up to GEMV_MAX_M rows: the table GEMV at
+    group size 32; the Triton decode + one matmul), each replayed from a CUDA graph with its weights rotated past L2; the tuned config of
     the path the op took."""
     gen = torch.Generator().manual_seed(0)
     rows = []

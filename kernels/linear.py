@@ -157,7 +157,7 @@ def decode_triton(packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: i
 
 def _gemv(x2: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     """Few-row forward: the lookup-table GEMV (kernels/gemv_lut.py) where the group size fits it, else the
-    grouped GEMV; both over the same K splits."""
+    grouped GEMV; both over about ``gemv_splits`` K ranges (the table GEMV's are whole chunks of groups)."""
     m, n, g = x2.shape[0], packed.shape[0], n_groups(k, group_size)
     split = gemv_splits(n, g, group_size)
     if gemv_lut.fits(group_size):

@@ -282,6 +282,20 @@ def _draw(key, offs):
     return _mix32(_low32(offs.to(tl.int64) * 0x61C88647 + key)) >> 8
 
 
+@triton.jit
+def _move_exponents(score, q, qmask, exp_ptr, e_accum_ptr, new_exp_ptr, new_e_accum_ptr, THE):
+    """The exponent rule for (row, group) indices ``q`` given each group's vote ``score`` (sum of sign * trit):
+    writes the new exponents and accumulators; returns 1 where an exponent moved (0 where masked)."""
+    e = tl.load(exp_ptr + q, mask=qmask, other=0).to(tl.int32)
+    b = tl.load(e_accum_ptr + q, mask=qmask, other=0).to(tl.int32)
+    b = tl.minimum(tl.maximum(b - ((score > 0).to(tl.int32) - (score < 0).to(tl.int32)), -THE), THE)
+    inc = ((b >= THE) & (e < 127)).to(tl.int32)
+    dec = ((b <= -THE) & (e > -128)).to(tl.int32)
+    tl.store(new_exp_ptr + q, (e + inc - dec).to(tl.int8), mask=qmask)
+    tl.store(new_e_accum_ptr + q, (b - THE * inc + THE * dec).to(tl.int8), mask=qmask)
+    return tl.where(qmask, inc + dec, 0)
+
+
 @triton.jit(do_not_specialize=["NG", "K", "KB", "G", "THE"])  # sizes vary per call: one compile, not one per size
 def _exp_update_kernel(packed_ptr, exp_ptr, e_accum_ptr, grad_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr,
                        NG, K, KB, G, THE, GS: tl.constexpr, GS_P2: tl.constexpr, BLOCK_Q: tl.constexpr):
@@ -295,14 +309,8 @@ def _exp_update_kernel(packed_ptr, exp_ptr, e_accum_ptr, grad_ptr, new_exp_ptr, 
     byte = tl.load(packed_ptr + row[:, None] * KB + cols // 5, mask=mask, other=121).to(tl.int32)
     s = _sign_of(grad_ptr, row[:, None] * K + cols, mask)
     score = tl.sum(s * trit_of(byte, cols), axis=1)
-    e = tl.load(exp_ptr + q, mask=qmask, other=0).to(tl.int32)
-    b = tl.load(e_accum_ptr + q, mask=qmask, other=0).to(tl.int32)
-    b = tl.minimum(tl.maximum(b - ((score > 0).to(tl.int32) - (score < 0).to(tl.int32)), -THE), THE)
-    inc = ((b >= THE) & (e < 127)).to(tl.int32)
-    dec = ((b <= -THE) & (e > -128)).to(tl.int32)
-    tl.store(new_exp_ptr + q, (e + inc - dec).to(tl.int8), mask=qmask)
-    tl.store(new_e_accum_ptr + q, (b - THE * inc + THE * dec).to(tl.int8), mask=qmask)
-    tl.store(count_ptr + pid, tl.sum(tl.where(qmask, inc + dec, 0), axis=0))
+    moved = _move_exponents(score, q, qmask, exp_ptr, e_accum_ptr, new_exp_ptr, new_e_accum_ptr, THE)
+    tl.store(count_ptr + pid, tl.sum(moved, axis=0))
 
 
 _FLIP_CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w) for bs, w in ((128, 4), (64, 4), (256, 8), (128, 8))]
@@ -425,15 +433,9 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_p
     g = pid_o * NGB + tl.arange(0, NGB)
     q = rn[:, None] * G + g[None, :]
     qmask = row_ok[:, None] & (g < G)[None, :]
-    e = tl.load(exp_ptr + q, mask=qmask, other=0).to(tl.int32)
-    b = tl.load(e_accum_ptr + q, mask=qmask, other=0).to(tl.int32)
-    b = tl.minimum(tl.maximum(b - ((score > 0).to(tl.int32) - (score < 0).to(tl.int32)), -THE), THE)
-    inc = ((b >= THE) & (e < 127)).to(tl.int32)
-    dec = ((b <= -THE) & (e > -128)).to(tl.int32)
-    tl.store(new_exp_ptr + q, (e + inc - dec).to(tl.int8), mask=qmask)
-    tl.store(new_e_accum_ptr + q, (b - THE * inc + THE * dec).to(tl.int8), mask=qmask)
+    moved = _move_exponents(score, q, qmask, exp_ptr, e_accum_ptr, new_exp_ptr, new_e_accum_ptr, THE)
     pid = pid_r * tl.num_programs(1) + pid_o
-    tl.store(exp_count_ptr + pid, tl.sum(tl.sum(tl.where(qmask, inc + dec, 0), axis=1), axis=0))
+    tl.store(exp_count_ptr + pid, tl.sum(tl.sum(moved, axis=1), axis=0))
     # flip rule
     if STOCHASTIC:
         go = _draw32(tl.load(key_ptr), offs) < TH

@@ -23,6 +23,16 @@ def weight(n: int, k: int, gs: int, g: torch.Generator, device: str) -> tuple[to
     return p.to(device), e.to(device)
 
 
+def each_config(kernel, monkeypatch):
+    """Every tuning config of ``kernel``, each set in turn as the one its launches take: untuned runs only (the
+    interpreter, or ARBFN_AUTOTUNE=0); under the tuner the test is skipped, since the tuner picks the config."""
+    if not hasattr(kernel, "config"):
+        pytest.skip("the tuner picks the config here: run with ARBFN_AUTOTUNE=0 to test each one")
+    for config in kernel.configs:
+        monkeypatch.setattr(kernel, "config", config)
+        yield config
+
+
 def launch(kernel, config, grid, *args, **kwargs) -> None:
     """One launch of ``kernel``'s plain function with ``config``'s meta-parameters and launch options."""
     kernel.fn[grid(config.kwargs)](*args, **kwargs, **config.all_kwargs())
@@ -87,11 +97,8 @@ def test_every_gemv_config_matches_reference(kernel_device, n, k, gs):
 @pytest.mark.parametrize("n,k,gs", [(7, 133, 32), (33, 611, 6), (300, 130, 16)])
 def test_every_table_gemv_config_matches_reference(kernel_device, monkeypatch, m, n, k, gs):
     """The table GEMV at every tile config, through its own launch (two K splits, fp32 entries)."""
-    if not hasattr(gemv_lut._gemv_kernel, "config"):
-        pytest.skip("the tuner picks the config here: run with ARBFN_AUTOTUNE=0 to test each one")
     p, e, x, ref, mag = gemv_case(n, k, gs, k + 3, kernel_device, m)
-    for config in gemv_lut._gemv_kernel.configs:
-        monkeypatch.setattr(gemv_lut._gemv_kernel, "config", config)
+    for config in each_config(gemv_lut._gemv_kernel, monkeypatch):
         y = gemv_lut.gemv_lut(x.to(kernel_device), p, e, k, gs, 2).cpu().double()
         assert float((y - ref).norm() / mag.norm()) < 1e-5, config.all_kwargs()
 
@@ -147,8 +154,6 @@ def test_every_flip_config_matches_reference(kernel_device, mode, n, k):
 @pytest.mark.parametrize("n,k,gs", [(3, 1283, 32), (5, 333, 8), (2, 2051, 64)])
 def test_every_fused_update_config_matches_reference(kernel_device, monkeypatch, mode, n, k, gs):
     """The fused update (both rules, atomic byte deltas) at every tile config, through the op's own launch."""
-    if not hasattr(update._fused_kernel, "config"):
-        pytest.skip("the tuner picks the config here: run with ARBFN_AUTOTUNE=0 to test each one")
     g = torch.Generator().manual_seed(k + 5)
     th, the = 3, 2
     packed = pack_reference(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
@@ -159,16 +164,17 @@ def test_every_fused_update_config_matches_reference(kernel_device, monkeypatch,
     step = torch.tensor(5, dtype=torch.int64)
     dev = {"packed": packed.to(kernel_device), "exp": exp.to(kernel_device), "e_accum": e_acc.to(kernel_device),
            "grad": grad.to(kernel_device)}
-    for config in update._fused_kernel.configs:
-        monkeypatch.setattr(update._fused_kernel, "config", config)
+    bits = 4 if mode == "nibble" else 8
+    t_acc = update.pack_nibbles(counters) if bits == 4 else counters
+    if mode == "stochastic":
+        ref = update.ternary_update_stochastic_reference(packed, exp, e_acc, grad, step, k, gs, th, the, 7)
+    else:
+        ref = update.ternary_update_reference(packed, exp, t_acc, e_acc, grad, k, gs, th, the, counter_bits=bits)
+    for config in each_config(update._fused_kernel, monkeypatch):
         if mode == "stochastic":
-            ref = update.ternary_update_stochastic_reference(packed, exp, e_acc, grad, step, k, gs, th, the, 7)
             out = update.ternary_update_stochastic_triton(**dev, step=step.to(kernel_device), k=k, group_size=gs,
                                                           flip_threshold=th, exp_threshold=the, seed=7)
         else:
-            bits = 4 if mode == "nibble" else 8
-            t_acc = update.pack_nibbles(counters) if bits == 4 else counters
-            ref = update.ternary_update_reference(packed, exp, t_acc, e_acc, grad, k, gs, th, the, counter_bits=bits)
             out = update.ternary_update_triton(**dev, t_accum=t_acc.to(kernel_device), k=k, group_size=gs,
                                                flip_threshold=th, exp_threshold=the, counter_bits=bits)
         for got, want in zip(out, ref):
