@@ -464,12 +464,16 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_p
     # of byte q0 when r0 + j < 5, digit r0 + j - 5 of byte q0 + 1 below 10, else digit r0 + j - 10 of q0 + 2
     q0 = octets * 8 // 5
     r0 = octets * 8 - 5 * q0
-    lo = (5 - r0)[None, :, None]
-    place = (up - down) * pow3(r0)[None, :, None] * tl.where(j < 5, pow3(j), 243 * pow3(j - 5))  # moved * 3**(r0+j)
-    _add_to_byte(words, rn, q0, 0, tl.sum(tl.where(j < lo, place, 0), axis=2), row_ok, KB)
-    _add_to_byte(words, rn, q0, 1, tl.sum(tl.where((j >= lo) & (j < lo + 5), place, 0), axis=2) // 243, row_ok, KB)
-    _add_to_byte(words, rn, q0, 2, tl.sum(tl.where(j >= lo + 5, place, 0), axis=2) // 59049, row_ok, KB)
-    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(tl.where(mask, up + down, 0), axis=2), axis=1), axis=0))
+    # the octet's moves as one integer, sum of moved_j * 3**(r0 + j) = d0 + 243 d1 + 59049 d2 with |d0|, |d1| <=
+    # 121: the three byte deltas come back by rounded division (offsets keep the dividends >= 0)
+    total = tl.sum((up - down) * tl.where(j < 5, pow3(j), 243 * pow3(j - 5)), axis=2) * pow3(r0)[None, :]
+    d2 = (total + (29524 + 5 * 59049)) // 59049 - 5
+    rest = total - 59049 * d2
+    d1 = (rest + (121 + 121 * 243)) // 243 - 121
+    _add_to_byte(words, rn, q0, 0, rest - 243 * d1, row_ok, KB)
+    _add_to_byte(words, rn, q0, 1, d1, row_ok, KB)
+    _add_to_byte(words, rn, q0, 2, d2, row_ok, KB)
+    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(up + down, axis=2), axis=1), axis=0))  # 0 where masked (s = a = 0)
     if pid_o == tl.num_programs(1) - 1:  # padding digits (columns K .. 5 KB - 1, at most 4) of these rows
         pc = K + tl.arange(0, 4)
         pmask = row_ok[:, None] & (pc[None, :] < 5 * KB)
