@@ -58,10 +58,13 @@ def _single_process_step(kind: str | None, cfg, state, device: torch.device):
 
 def _with_update_flags(cfg, args: argparse.Namespace, resuming: bool):
     """``cfg`` with the update knobs given on the command line (--flip-mode, --counter-bits, --flip-threshold,
-    --exp-threshold). A resumed checkpoint keeps its flip mode and counter width: its state
-    layout belongs to them."""
-    knobs = ("flip_mode", "counter_bits", "flip_threshold", "exp_threshold")
+    --exp-threshold, --flip-threshold-final, --anneal-steps). A resumed checkpoint keeps its flip mode and counter
+    width: its state layout belongs to them. --flip-threshold-final without --anneal-steps anneals over the
+    run's steps."""
+    knobs = ("flip_mode", "counter_bits", "flip_threshold", "exp_threshold", "flip_threshold_final", "anneal_steps")
     given = {k: v for k, v in vars(args).items() if k in knobs and v is not None}
+    if "flip_threshold_final" in given and "anneal_steps" not in given:
+        given["anneal_steps"] = args.steps or cfg.train.steps
     for name in ("flip_mode", "counter_bits"):
         if resuming and name in given and given[name] != getattr(cfg.update, name):
             flag = "--" + name.replace("_", "-")
@@ -218,13 +221,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_update_flags(p: argparse.ArgumentParser) -> None:
-    """--flip-mode, --counter-bits, --flip-threshold and --exp-threshold (UpdateConfig's knobs) on a subcommand."""
+    """--flip-mode, --counter-bits, --flip-threshold, --exp-threshold and the stochastic θ schedule
+    (UpdateConfig's knobs) on a subcommand."""
     p.add_argument("--flip-mode", choices=("counter", "stochastic"),
                    help="trit flips from int8 vote counters (default) or counter-free hashed coin flips (0.3 B/weight)")
     p.add_argument("--counter-bits", type=int, choices=(8, 4),
                    help="flip-counter width: int8 (default, 1 B/weight) or 4-bit nibbles, two per byte (0.5 B/weight; "
                         "needs --flip-threshold <= 7)")
-    p.add_argument("--flip-threshold", type=int, help="net votes per trit move (default: the preset's, 16)")
+    p.add_argument("--flip-threshold", type=int,
+                   help="net votes per trit move (default: the preset's, 16; stochastic flips: 1/θ per vote, θ up to "
+                        "2**24)")
+    p.add_argument("--flip-threshold-final", type=int,
+                   help="stochastic flips: anneal θ geometrically from --flip-threshold to this (default: constant θ)")
+    p.add_argument("--anneal-steps", type=int,
+                   help="steps over which θ anneals to --flip-threshold-final (default: the run's --steps)")
     p.add_argument("--exp-threshold", type=int,
                    help="net votes per group exponent move (default: the preset's, 127; 1..127)")
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from arbfn.data import VOCAB_SIZE
+from kernels.update import MAX_DRAW_THRESHOLD, check_anneal
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # TrainConfig.compute_dtype
 
@@ -168,7 +169,8 @@ class UpdateConfig:
       (``seed``, step, tensor, weight), so a step stays a pure function of (state, batch, config). Counter
       mode learns better (tiny byte path, held-out bits/byte at 200 steps: 3.45 vs 4.29 for stochastic θ 64 with
       exp θ 127, 3.82 vs 4.34 with exp θ 32; benchmarks/RESULTS.md), so it stays the default.
-    flip_threshold: net votes per trit move (1..127; at most 7 with 4-bit counters). 16 with dithered counters
+    flip_threshold: net votes per trit move (1..127; at most 7 with 4-bit counters; up to 2**24 for stochastic
+      flips, which move a trit on a vote with probability 1/θ and need no counter to hold θ). 16 with dithered counters
       learned best on the tiny byte path (200 steps, held-out bits/byte vs the float twin: θ 8 1.17×, 12 1.18×,
       16 1.14×, 24 1.17×; benchmarks/RESULTS.md).
     exp_threshold: votes before a group's log2 scale moves by one (1..127). A move doubles or halves
@@ -188,6 +190,11 @@ class UpdateConfig:
       1.23×; exp θ 127, 200 steps: θ 7 1.144× vs 1.086×; benchmarks/RESULTS.md), so 8 stays the default; 4 is
       an option for memory-bound runs (0.81 vs 1.31 bytes/weight of state on the whole tiny preset).
     seed: the stochastic flips' stream (0..2**32-1); unused by counter mode.
+    flip_threshold_final, anneal_steps: stochastic mode only: θ anneals geometrically from ``flip_threshold`` at
+      step 0 to ``flip_threshold_final`` at step ``anneal_steps`` and stays there (0, 0: θ constant). At a fixed θ
+      a vote moves its trit with probability 1/θ however evenly the weight's votes split, so counter-free
+      learning stops improving (d256 byte path: 4.07 bits/byte at step 200, 4.13 at 400); a rising θ lowers
+      that noise floor as the run goes on (kernels/update.py ``flip_cutoff``; benchmarks/RESULTS.md).
     dither: counter mode only: a fresh state's flip counters start uniform in [-(θ-1), θ-1] (drawn from the
       init generator) instead of 0. From zeros, every weight whose gradient sign holds for θ steps flips at
       step θ at once (1.6M trits of the small model at step 8, which blew up its multimodal losses); dithered
@@ -206,14 +213,28 @@ class UpdateConfig:
     seed: int = 0
     dither: bool = True
     counter_bits: int = 8
+    flip_threshold_final: int = 0
+    anneal_steps: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("flip_threshold", "exp_threshold"):
-            v = getattr(self, name)
-            if not 1 <= v <= 127:
-                raise ValueError(f"UpdateConfig.{name} must be in 1..127 (an int8 accumulator), got {v}")
         if self.flip_mode not in ("counter", "stochastic"):
             raise ValueError(f"UpdateConfig.flip_mode must be 'counter' or 'stochastic', got {self.flip_mode!r}")
+        if not 1 <= self.exp_threshold <= 127:
+            raise ValueError(f"UpdateConfig.exp_threshold must be in 1..127 (an int8 accumulator), got "
+                             f"{self.exp_threshold}")
+        if self.flip_counters and not 1 <= self.flip_threshold <= 127:
+            raise ValueError(f"UpdateConfig.flip_threshold must be in 1..127 (an int8 counter), got "
+                             f"{self.flip_threshold}")
+        if not self.flip_counters and not 1 <= self.flip_threshold <= MAX_DRAW_THRESHOLD:
+            raise ValueError(f"UpdateConfig.flip_threshold must be in 1..2**24 for stochastic flips (a 24-bit draw), "
+                             f"got {self.flip_threshold}")
+        if self.flip_counters and (self.flip_threshold_final or self.anneal_steps):
+            raise ValueError("UpdateConfig.flip_threshold_final and anneal_steps anneal stochastic flips; counter "
+                             "mode has no schedule (set flip_mode='stochastic' or leave both 0)")
+        try:
+            check_anneal(self.flip_threshold_final, self.anneal_steps)
+        except ValueError as e:
+            raise ValueError(f"UpdateConfig: {e}") from None
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"UpdateConfig.seed must be in 0..2**32-1, got {self.seed}")
         if self.counter_bits not in (8, 4):

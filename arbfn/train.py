@@ -59,7 +59,7 @@ def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State,
     """New state after one sign-vote update from ``grads``; counts of flipped trits and moved exponents.
 
     Stochastic flips (``update.flip_mode``) draw from (update.seed, the state's step, the weight's number in
-    pytree order), so the update stays a function of its inputs."""
+    pytree order), so the update stays a function of its inputs; their θ follows the config's schedule."""
     counts = {"flips": [], "exp_moves": []}
     step = state.step if update.flip_mode == "stochastic" else None
 
@@ -67,7 +67,8 @@ def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State,
         if not is_ternary(w):
             return w
         new, flips, moves = update_weight(w, g, update.flip_threshold, update.exp_threshold, step, update.seed,
-                                          len(counts["flips"]), update.counter_bits)
+                                          len(counts["flips"]), update.counter_bits,
+                                          (update.flip_threshold_final, update.anneal_steps))
         counts["flips"].append(flips)
         counts["exp_moves"].append(moves)
         return new

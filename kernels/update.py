@@ -7,8 +7,8 @@ Three ops, each a pure function (new tensors, inputs never written):
 * ``arbfn::ternary_update_nibble(...)``: the same arguments and the same rule as ``ternary_update``, with
   4-bit counters packed two per byte (half a byte per weight instead of one; θ at most 7);
 * ``arbfn::ternary_update_stochastic(packed, exp, e_accum, grad, step, k, group_size, flip_threshold,
-  exp_threshold, seed) -> (packed', exp', e_accum', flips, exp_moves)``: counter-free flips (below), no
-  per-weight state at all (1 byte per weight less than the counter op).
+  exp_threshold, seed, flip_threshold_final=0, anneal_steps=0) -> (packed', exp', e_accum', flips, exp_moves)``:
+  counter-free flips (below), no per-weight state at all (1 byte per weight less than the counter op).
 
 Shapes: packed uint8 [N, ceil(k/5)], exp int8 [N, G] with G = ceil(k/group_size), t_accum int8 [N, k]
 (``ternary_update_nibble``: uint8 [N, ceil(k/2)], below), e_accum int8 [N, G], grad float [N, k] = dL/dW,
@@ -19,16 +19,21 @@ nibble for even c and the high nibble for odd c, in two's complement: a value v 
 and a nibble u reads back as u - 16 where u >= 8. The padding nibble (high nibble of a row's last byte when k
 is odd) is ignored on input and written 0.
 
-The rule, with θ = flip_threshold (1..127; 1..7 for 4-bit counters) and θE = exp_threshold (1..127), votes in
-int32, hashes in int64:
+The rule, with θ = flip_threshold (1..127; 1..7 for 4-bit counters; 1..2**24 for stochastic flips) and
+θE = exp_threshold (1..127), votes in int32, hashes in int64:
 
 * sign s = +1 where grad > 0, -1 where grad < 0, 0 where grad == 0 or NaN (NaN never votes);
   the trit vote is v = -s (descent direction).
 * counter flip, with the OLD trit t: a = clamp(t_accum + v, -θ, θ) (saturates, never wraps);
   up = (a >= θ) & (t < 1); down = (a <= -θ) & (t > -1); t' = t + up - down; a' = 0 where up | down, else a.
-* stochastic flip, with the OLD trit t: go = u < 2**24 // θ, with u the draw of this weight;
-  up = go & (v > 0) & (t < 1); down = go & (v < 0) & (t > -1); t' = t + up - down. A vote moves its trit
-  with probability floor(2**24/θ) / 2**24 ≈ 1/θ (always for θ = 1, where both flip rules agree).
+* stochastic flip, with the OLD trit t: go = u < cut, with u the draw of this weight and cut =
+  :func:`flip_cutoff` = 2**24 // θ; up = go & (v > 0) & (t < 1); down = go & (v < 0) & (t > -1);
+  t' = t + up - down. A vote moves its trit with probability floor(2**24/θ) / 2**24 ≈ 1/θ (always for θ = 1,
+  where both flip rules agree). With ``flip_threshold_final`` θ1 > 0 and ``anneal_steps`` T >= 1, θ anneals
+  geometrically with the step: cut = floor(2**24 / (θ * (θ1/θ)**(clamp(step, 0, T)/T))) in float64, and
+  exactly 2**24 // θ1 from step T on; so fewer trits move as training goes on (the noise floor of votes
+  that split evenly falls with it). The cutoff is a tensor computed from ``step``, so a compiled or graphed
+  step anneals without recompiling.
   The draw is a counter-based hash, so a step stays a function of (state, grad, step, seed):
   key = mix32((step mod 2**32) * W + seed mod 2**32); u = mix32((n*k + c) * W + key mod 2**32) >> 8 for
   weight [n, c], with W = 0x61C88647 and mix32 Wellons' lowbias32 (multipliers 0x21F0AAAD, 0x735A2D97).
@@ -66,6 +71,7 @@ from kernels.packing import check_group_size, n_groups, pack_reference, packed_w
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 StochasticOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 MAX_THRESHOLD = 127
+MAX_DRAW_THRESHOLD = 1 << 24  # the largest stochastic flip threshold: its cutoff floor(2**24/θ) is then 1
 COUNTER_LIMITS = {8: MAX_THRESHOLD, 4: 7}  # counter bits -> the largest flip threshold the counter holds
 MASK32 = 0xFFFFFFFF
 WEYL = 0x61C88647  # 2**32 - the golden-ratio constant 0x9E3779B9: below 2**31, odd
@@ -90,12 +96,15 @@ def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Te
                       counter_bits: int = 8) -> None:
     """Raise ValueError on bad ints, dtypes or shapes (metadata only: no data-dependent checks).
 
-    ``t_accum=None`` checks the stochastic op's arguments, which have no per-weight accumulator; otherwise
-    ``t_accum`` must have the layout of ``counter_bits`` and the flip threshold must fit in its counter."""
+    ``t_accum=None`` checks the stochastic op's arguments, which have no per-weight accumulator (a flip
+    threshold up to 2**24); otherwise ``t_accum`` must have the layout of ``counter_bits`` and the flip threshold
+    must fit in its counter."""
     check_counter_bits(counter_bits)
-    for name, th in (("flip_threshold", flip_threshold), ("exp_threshold", exp_threshold)):
-        if not 1 <= th <= MAX_THRESHOLD:
-            raise ValueError(f"{name} must be in 1..{MAX_THRESHOLD}, got {th}")
+    flip_limit = MAX_THRESHOLD if t_accum is not None else MAX_DRAW_THRESHOLD
+    for name, th, limit in (("flip_threshold", flip_threshold, flip_limit), ("exp_threshold", exp_threshold,
+                                                                             MAX_THRESHOLD)):
+        if not 1 <= th <= limit:
+            raise ValueError(f"{name} must be in 1..{limit}, got {th}")
     if t_accum is not None and flip_threshold > COUNTER_LIMITS[counter_bits]:
         raise ValueError(f"flip_threshold must be at most {COUNTER_LIMITS[counter_bits]} for {counter_bits}-bit "
                          f"counters, got {flip_threshold}")
@@ -119,11 +128,28 @@ def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Te
         raise ValueError(f"N * k must be below 2**31 (int32 offsets), got {n} * {k}")
 
 
+def check_anneal(flip_threshold_final: int, anneal_steps: int) -> None:
+    """Raise ValueError unless (θ1, T) is no schedule (0, 0) or a final threshold in 1..2**24 reached after
+    T >= 1 steps."""
+    if flip_threshold_final == 0:
+        if anneal_steps != 0:
+            raise ValueError(f"anneal_steps needs flip_threshold_final (the threshold to anneal to), got "
+                             f"anneal_steps={anneal_steps} with flip_threshold_final=0")
+        return
+    if not 1 <= flip_threshold_final <= MAX_DRAW_THRESHOLD:
+        raise ValueError(f"flip_threshold_final must be in 1..{MAX_DRAW_THRESHOLD} (or 0: no annealing), got "
+                         f"{flip_threshold_final}")
+    if anneal_steps < 1:
+        raise ValueError(f"anneal_steps must be >= 1 with flip_threshold_final={flip_threshold_final}, got "
+                         f"{anneal_steps}")
+
+
 def check_stochastic_args(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor, grad: torch.Tensor,
                           step: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int,
-                          seed: int) -> None:
-    """:func:`check_update_args` for the stochastic op, plus its step tensor and seed."""
+                          seed: int, flip_threshold_final: int = 0, anneal_steps: int = 0) -> None:
+    """:func:`check_update_args` for the stochastic op, plus its step tensor, seed and θ schedule."""
     check_update_args(packed, exp, None, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
+    check_anneal(flip_threshold_final, anneal_steps)
     if step.dtype != torch.int64 or step.dim() != 0:
         raise ValueError(f"step must be a 0-dim int64 tensor, got {step.dtype} of shape {tuple(step.shape)}")
     if not 0 <= seed <= MASK32:
@@ -160,9 +186,25 @@ def draws(key: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return mix32((idx * WEYL + key) & MASK32) >> (32 - DRAW_BITS)
 
 
-def flip_cutoff(flip_threshold: int) -> int:
-    """A vote moves its trit where its draw is below this: floor(2**24 / θ)."""
-    return (1 << DRAW_BITS) // flip_threshold
+def flip_cutoff(step: torch.Tensor, flip_threshold: int, flip_threshold_final: int = 0,
+                anneal_steps: int = 0) -> torch.Tensor:
+    """The 0-dim int64 cutoff at ``step`` (a vote moves its trit where its draw is below it): floor(2**24 / θ)
+    for a constant θ, else θ annealed geometrically to ``flip_threshold_final`` over ``anneal_steps`` (module
+    docstring). Torch ops on the step tensor, shared by both implementations, so a graph never bakes it in."""
+    last = torch.full((), (1 << DRAW_BITS) // (flip_threshold_final or flip_threshold), dtype=torch.int64,
+                      device=step.device)
+    if flip_threshold_final == 0:
+        return last
+    frac = step.clamp(0, anneal_steps).to(torch.float64) / anneal_steps
+    theta = flip_threshold * (flip_threshold_final / flip_threshold) ** frac
+    return torch.where(step >= anneal_steps, last, torch.floor((1 << DRAW_BITS) / theta).to(torch.int64))
+
+
+def draw_key(step: torch.Tensor, seed: int, flip_threshold: int, flip_threshold_final: int = 0,
+             anneal_steps: int = 0) -> torch.Tensor:
+    """int64 [2]: (:func:`step_key`, :func:`flip_cutoff`) of one step, as the stochastic kernels read them."""
+    return torch.stack((step_key(step, seed), flip_cutoff(step, flip_threshold, flip_threshold_final,
+                                                          anneal_steps)))
 
 
 # ---------------------------------------------------------------- 4-bit counters (torch)
@@ -237,13 +279,16 @@ def ternary_update_reference(packed: torch.Tensor, exp: torch.Tensor, t_accum: t
 
 def ternary_update_stochastic_reference(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor,
                                         grad: torch.Tensor, step: torch.Tensor, k: int, group_size: int,
-                                        flip_threshold: int, exp_threshold: int, seed: int) -> StochasticOutputs:
+                                        flip_threshold: int, exp_threshold: int, seed: int,
+                                        flip_threshold_final: int = 0, anneal_steps: int = 0) -> StochasticOutputs:
     """Pure-torch stochastic rule (see the module docstring)."""
-    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed)
+    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed,
+                          flip_threshold_final, anneal_steps)
     packed, exp, e_accum, grad = (x.contiguous() for x in (packed, exp, e_accum, grad))
     t = unpack_reference(packed, k).to(torch.int32)
     s = _signs(grad)
-    go = draws(step_key(step, seed), packed.shape[0], k) < flip_cutoff(flip_threshold)
+    cut = flip_cutoff(step, flip_threshold, flip_threshold_final, anneal_steps)
+    go = draws(step_key(step, seed), packed.shape[0], k) < cut
     up, down = go & (s < 0) & (t < 1), go & (s > 0) & (t > -1)
     new_e, new_b, moves = _exponent_rule(t, s, exp, e_accum, k, group_size, exp_threshold)
     new_packed, flips = _moved(t, up, down)
@@ -321,7 +366,8 @@ _FLIP_CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w) for bs, w in ((128,
 def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new_t_accum_ptr, count_ptr,
                  NQ, K, KB, KT, QB, TH, BLOCK_S: tl.constexpr, STOCHASTIC: tl.constexpr, NIBBLES: tl.constexpr):
     """Counter flips (t_accum in and out, KT bytes per row: int8, or with NIBBLES 4-bit pairs; key unused), or
-    with STOCHASTIC hashed flips where a draw is below TH (the cutoff; t_accum pointers unused).
+    with STOCHASTIC hashed flips where a draw is below the cutoff ``key_ptr[1]`` (:func:`draw_key`; TH and the
+    t_accum pointers unused).
 
     A program takes BLOCK_S spans of two packed bytes (10 columns; QB spans per row) as a [BLOCK_S, 8, 2] tile
     whose digit d = 2p + r (valid below 10) is column 10 * span + d: gradients and int8 counters load and store
@@ -343,7 +389,7 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new
     t = trit_of(byte, cols)
     s = _sign_of(grad_ptr, offs, mask)
     if STOCHASTIC:
-        go = _draw(tl.load(key_ptr), offs) < TH
+        go = _draw(tl.load(key_ptr), offs) < tl.load(key_ptr + 1)
         up = (go & (s < 0) & (t < 1)).to(tl.int32)
         down = (go & (s > 0) & (t > -1)).to(tl.int32)
     else:
@@ -438,7 +484,7 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_p
     tl.store(exp_count_ptr + pid, tl.sum(tl.sum(moved, axis=1), axis=0))
     # flip rule
     if STOCHASTIC:
-        go = _draw32(tl.load(key_ptr), offs) < TH
+        go = _draw32(tl.load(key_ptr), offs) < tl.load(key_ptr + 1).to(tl.int32)
         up = (go & (s < 0) & (t < 1)).to(tl.int32)
         down = (go & (s > 0) & (t > -1)).to(tl.int32)
     else:
@@ -493,10 +539,10 @@ _EXP_TILE = 4096  # elements per exponent program (BLOCK_Q * GS_P2)
 
 
 def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
-            grad: torch.Tensor, key: torch.Tensor | None, k: int, group_size: int, flip_cut: int,
+            grad: torch.Tensor, key: torch.Tensor | None, k: int, group_size: int, flip_threshold: int,
             exp_threshold: int, counter_bits: int = 8) -> Outputs:
-    """Both kernels on contiguous, checked inputs; ``key`` selects stochastic flips (t_accum' is then None),
-    else counter flips on ``counter_bits``-bit counters."""
+    """Both kernels on contiguous, checked inputs; ``key`` (:func:`draw_key`) selects stochastic flips (t_accum'
+    is then None, ``flip_threshold`` unused), else counter flips on ``counter_bits``-bit counters."""
     n, kb, g = packed.shape[0], packed_width(k), n_groups(k, group_size)
     new_packed = packed.new_empty(packed.shape)
     new_t_accum = None if t_accum is None else t_accum.new_empty(t_accum.shape)
@@ -505,7 +551,7 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
         zero = torch.zeros((), dtype=torch.int64, device=packed.device)
         return new_packed, new_exp, new_t_accum, new_e_accum, zero, zero.clone()
     if fuses(group_size):
-        return _launch_fused(packed, exp, t_accum, e_accum, grad, key, k, group_size, flip_cut, exp_threshold,
+        return _launch_fused(packed, exp, t_accum, e_accum, grad, key, k, group_size, flip_threshold, exp_threshold,
                              counter_bits, new_t_accum, new_exp, new_e_accum)
     gs_p2 = triton.next_power_of_2(group_size)
     block_q = min(_EXP_TILE // gs_p2, triton.next_power_of_2(n * g))
@@ -518,14 +564,14 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
                               device=packed.device)
     _flip_kernel[lambda m: (cdiv(n * qb, m["BLOCK_S"]),)](
         packed, t_accum, grad, key, new_packed, new_t_accum, flip_counts, n * qb, k, kb,
-        counter_layout(k, counter_bits)[1], qb, flip_cut, STOCHASTIC=key is not None,
+        counter_layout(k, counter_bits)[1], qb, flip_threshold, STOCHASTIC=key is not None,
         NIBBLES=key is None and counter_bits == 4)
     return (new_packed, new_exp, new_t_accum, new_e_accum,
             flip_counts.sum(dtype=torch.int64), exp_counts.sum(dtype=torch.int64))
 
 
 def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
-                  grad: torch.Tensor, key: torch.Tensor | None, k: int, group_size: int, flip_cut: int,
+                  grad: torch.Tensor, key: torch.Tensor | None, k: int, group_size: int, flip_threshold: int,
                   exp_threshold: int, counter_bits: int, new_t_accum: torch.Tensor | None, new_exp: torch.Tensor,
                   new_e_accum: torch.Tensor) -> Outputs:
     """The fused kernel: the new packed bytes start as a copy of the old at a 4-byte aligned place in a buffer
@@ -540,7 +586,7 @@ def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor
     counts = torch.zeros((2, tiles), dtype=torch.int32, device=packed.device)
     _fused_kernel[lambda m: (cdiv(n, m["BLOCK_R"]), cdiv(n_octets, m["BLOCK_O"]))](
         packed, t_accum, grad, key, exp, e_accum, new_packed, new_t_accum, new_exp, new_e_accum, counts[0],
-        counts[1], n, k, kb, counter_layout(k, counter_bits)[1], g, flip_cut, exp_threshold, GS=group_size,
+        counts[1], n, k, kb, counter_layout(k, counter_bits)[1], g, flip_threshold, exp_threshold, GS=group_size,
         STOCHASTIC=key is not None, NIBBLES=key is None and counter_bits == 4)
     # two separate sums: views of one tensor would alias the op's outputs
     return (new_packed, new_exp, new_t_accum, new_e_accum, counts[0].sum(dtype=torch.int64),
@@ -560,14 +606,16 @@ def ternary_update_triton(packed: torch.Tensor, exp: torch.Tensor, t_accum: torc
 
 def ternary_update_stochastic_triton(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor,
                                      grad: torch.Tensor, step: torch.Tensor, k: int, group_size: int,
-                                     flip_threshold: int, exp_threshold: int, seed: int) -> StochasticOutputs:
+                                     flip_threshold: int, exp_threshold: int, seed: int,
+                                     flip_threshold_final: int = 0, anneal_steps: int = 0) -> StochasticOutputs:
     """Launch the exponent and stochastic-flip kernels (CUDA, or CPU under the interpreter)."""
-    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed)
+    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed,
+                          flip_threshold_final, anneal_steps)
     check_launchable(packed, exp, e_accum, grad, step)
     packed, exp, e_accum, grad = (x.contiguous() for x in (packed, exp, e_accum, grad))
+    key = draw_key(step, seed, flip_threshold, flip_threshold_final, anneal_steps)
     new_packed, new_exp, _, new_e_accum, flips, moves = _launch(
-        packed, exp, None, e_accum, grad, step_key(step, seed), k, group_size, flip_cutoff(flip_threshold),
-        exp_threshold)
+        packed, exp, None, e_accum, grad, key, k, group_size, 0, exp_threshold)
     return new_packed, new_exp, new_e_accum, flips, moves
 
 
@@ -628,20 +676,24 @@ ternary_update_nibble.register_fake(_counter_fake(4))
 @torch.library.custom_op("arbfn::ternary_update_stochastic", mutates_args=())
 def ternary_update_stochastic(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor, grad: torch.Tensor,
                               step: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int,
-                              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              seed: int, flip_threshold_final: int = 0, anneal_steps: int = 0
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sign-vote step with counter-free hashed flips: (packed', exp', e_accum', flips, exp_moves)."""
     return ternary_update_stochastic_reference(packed, exp, e_accum, grad, step, k, group_size, flip_threshold,
-                                               exp_threshold, seed)
+                                               exp_threshold, seed, flip_threshold_final, anneal_steps)
 
 
 @ternary_update_stochastic.register_kernel("cuda")
-def _(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed):
+def _(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed, flip_threshold_final=0,
+      anneal_steps=0):
     return ternary_update_stochastic_triton(packed, exp, e_accum, grad, step, k, group_size, flip_threshold,
-                                            exp_threshold, seed)
+                                            exp_threshold, seed, flip_threshold_final, anneal_steps)
 
 
 @ternary_update_stochastic.register_fake
-def _(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed):
-    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed)
+def _(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed, flip_threshold_final=0,
+      anneal_steps=0):
+    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed,
+                          flip_threshold_final, anneal_steps)
     return packed.new_empty(packed.shape), exp.new_empty(exp.shape), e_accum.new_empty(e_accum.shape), \
         *_counts_like(packed)

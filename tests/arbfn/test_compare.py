@@ -196,3 +196,13 @@ def test_cli_compare_four_bit_counters(capsys, tmp_path):
     assert main([*args, "--flip-mode", "stochastic", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["update"]["flip_mode"] == "stochastic" and result["bytes_per_weight"] < 0.35
+    assert main([*args, "--flip-mode", "stochastic", "--flip-threshold", "300", "--flip-threshold-final", "4000",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    update = result["update"]
+    assert (update["flip_threshold"], update["flip_threshold_final"], update["anneal_steps"]) == (300, 4000, 1)
+    assert "flip threshold 300 annealed to 4000 over 1 steps" in format_table(result)
+    assert main([*args, "--flip-mode", "stochastic", "--anneal-steps", "5"]) == 2
+    assert "anneal_steps needs flip_threshold_final" in capsys.readouterr().err
+    assert main([*args, "--flip-threshold-final", "64"]) == 2
+    assert "counter mode has no schedule" in capsys.readouterr().err

@@ -426,9 +426,34 @@ def test_apply_update_draws_one_stream_per_tensor_and_step():
         apply_update(new, grads, UpdateConfig())
 
 
+def test_apply_update_anneals_theta_with_the_state_step():
+    """With a θ schedule, step 0 flips as a constant θ_0 and every step from the anneal's end as a constant θ_1;
+    between them the flip count falls as θ rises."""
+    import dataclasses
+    from arbfn.config import ModelConfig, UpdateConfig
+    from arbfn.model import State
+    from arbfn.train import apply_update
+
+    w = init_ternary(64, 120, 8, gen(7))
+    grads = {"a": torch.randn(64, 120, generator=gen(8))}
+    at = lambda step, update: apply_update(State({"a": w}, torch.tensor(step), ModelConfig()), grads, update)
+    anneal = UpdateConfig(flip_threshold=2, flip_mode="stochastic", seed=1, flip_threshold_final=200, anneal_steps=10)
+    for step, theta in ((0, 2), (10, 200), (11, 200)):
+        got, want = at(step, anneal), at(step, dataclasses.replace(anneal, flip_threshold=theta, flip_threshold_final=0,
+                                                                   anneal_steps=0))
+        assert torch.equal(got[0].params["a"].packed, want[0].params["a"].packed) and int(got[1]["flips"]) > 0
+    flips = [int(at(step, anneal)[1]["flips"]) for step in (0, 5, 10)]
+    assert flips[0] > flips[1] > flips[2]
+
+
 @pytest.mark.parametrize("bad", [dict(flip_mode="counters"), dict(flip_mode=""), dict(seed=-1), dict(seed=2**32),
                                  dict(flip_threshold=0), dict(exp_threshold=128), dict(counter_bits=5),
-                                 dict(counter_bits=16), dict(counter_bits=4), dict(counter_bits=4, flip_threshold=8)])
+                                 dict(counter_bits=16), dict(counter_bits=4), dict(counter_bits=4, flip_threshold=8),
+                                 dict(flip_threshold=128), dict(flip_mode="stochastic", flip_threshold=2**24 + 1),
+                                 dict(flip_threshold_final=64, anneal_steps=10),
+                                 dict(flip_mode="stochastic", flip_threshold_final=64),
+                                 dict(flip_mode="stochastic", anneal_steps=5),
+                                 dict(flip_mode="stochastic", flip_threshold_final=2**24 + 1, anneal_steps=5)])
 def test_update_config_rejects_bad_knobs(bad):
     from arbfn.config import UpdateConfig
 
@@ -438,6 +463,8 @@ def test_update_config_rejects_bad_knobs(bad):
     assert UpdateConfig().flip_counters is True and UpdateConfig().counter_bits == 8
     assert UpdateConfig(flip_threshold=7, counter_bits=4).counter_bits == 4
     assert UpdateConfig(flip_threshold=64, flip_mode="stochastic", counter_bits=4).flip_threshold == 64  # no counters
+    assert UpdateConfig(flip_threshold=1000, flip_mode="stochastic", flip_threshold_final=2**24,
+                        anneal_steps=1).flip_threshold == 1000  # stochastic θ needs no counter to hold it
 
 
 # ---------------------------------------------------------------- 4-bit flip counters

@@ -267,7 +267,10 @@ def _bad_stochastic_cases():
         "group_size=3": dict(group_size=3), "k too big": dict(k=14), "packed width": dict(packed=p[:, :2]),
         "e_accum shape": dict(e_accum=ea[:, :1]), "grad int": dict(grad=gr.nan_to_num().to(torch.int32)),
         "step int32": dict(step=torch.tensor(3, dtype=torch.int32)), "step 1-D": dict(step=torch.tensor([3])),
-        "seed<0": dict(seed=-1), "seed>=2**32": dict(seed=2**32),
+        "seed<0": dict(seed=-1), "seed>=2**32": dict(seed=2**32), "flip_threshold=2**24+1": dict(flip_threshold=2**24 + 1),
+        "anneal without final": dict(anneal_steps=10), "final without anneal": dict(flip_threshold_final=64),
+        "final=2**24+1": dict(flip_threshold_final=2**24 + 1, anneal_steps=10),
+        "anneal_steps<0": dict(flip_threshold_final=64, anneal_steps=-1),
     }
     impls = (ternary_update_stochastic, ternary_update_stochastic_reference, ternary_update_stochastic_triton)
     return [pytest.param(impls, {**ok, **change}, id=f"stochastic {name}") for name, change in bad.items()]
@@ -452,7 +455,7 @@ def test_stochastic_flip_rate_is_one_over_theta(kernel_device, th, step):
     packed = pack_reference(torch.zeros((n, k), dtype=torch.int8)).to(kernel_device)
     exp = torch.zeros((n, n_groups(k, gs)), dtype=torch.int8, device=kernel_device)
     grad = torch.full((n, k), -1.0, device=kernel_device)
-    p = flip_cutoff(th) / 2**24
+    p = int(flip_cutoff(torch.tensor(step), th)) / 2**24
     sd = math.sqrt(n * k * p * (1 - p))
     out = ternary_update_stochastic(packed, exp, exp.clone(), grad, torch.tensor(step, device=kernel_device),
                                     k, gs, th, 127, 12345)
@@ -486,6 +489,51 @@ def test_stochastic_cutoff_is_exact(kernel_device, th):
         for impl in (ternary_update_stochastic_reference, ternary_update_stochastic_triton):
             out = impl(*(x.to(kernel_device) for x in args), 1, 4, th, 127, seed)
             assert out[3].item() == int(u < cut), (impl.__name__, u, cut)
+
+
+@pytest.mark.parametrize("th,th1,steps", ((4, 64, 100), (64, 2048, 1000), (200, 3, 7), (1, 2**24, 1)))
+def test_flip_cutoff_anneals_geometrically(th, th1, steps):
+    """The annealed cutoff starts at floor(2**24/θ), ends exactly at floor(2**24/θ1) from step T on, moves
+    monotonically between, and follows θ (θ1/θ)**(step/T) (within the floor's one unit)."""
+    cut = lambda step: int(flip_cutoff(torch.tensor(step), th, th1, steps))
+    assert cut(-(2**63)) == cut(-1) == cut(0) == 2**24 // th
+    assert cut(steps) == cut(steps + 1) == cut(2**63 - 1) == 2**24 // th1
+    path = [cut(i) for i in range(steps + 1)]
+    assert path == sorted(path, reverse=th1 > th)
+    for i in range(steps):
+        assert abs(path[i] - 2**24 / (th * (th1 / th) ** (i / steps))) <= 1
+    assert int(flip_cutoff(torch.tensor(5), th)) == 2**24 // th  # no schedule: constant
+
+
+@st.composite
+def annealed_cases(draw):
+    """A stochastic case with a θ schedule whose step falls before, inside or after the anneal."""
+    inputs, k, gs, th, the, seed = draw(stochastic_cases())
+    th = draw(st.sampled_from((th, 1000, 2**24)))
+    th1 = draw(st.integers(1, 2**24))
+    steps = draw(st.integers(1, 2**40))
+    at = draw(st.sampled_from((0, steps // 3, steps - 1, steps)))
+    return (*inputs[:4], torch.tensor(at, dtype=torch.int64)), k, gs, th, the, seed, th1, steps
+
+
+@given(annealed_cases())
+def test_annealed_triton_matches_reference(kernel_device, case):
+    inputs, *ints = case
+    want = ternary_update_stochastic_reference(*inputs, *ints)
+    got = ternary_update_stochastic_triton(*(x.to(kernel_device) for x in inputs), *ints)
+    assert_same(got, want, STOCHASTIC_OUTPUTS)
+
+
+@pytest.mark.parametrize("step,rate", ((0, 1 / 4), (50, 1 / 16), (100, 1 / 64), (10**6, 1 / 64)))
+def test_annealed_flip_rate_follows_the_schedule(kernel_device, step, rate):
+    """θ 4 -> 64 over 100 steps: all-zero trits under one vote move at 1/4, 1/16 (halfway), 1/64 (from the end)."""
+    n, k, gs = 64, 500, 32
+    packed = pack_reference(torch.zeros((n, k), dtype=torch.int8)).to(kernel_device)
+    exp = torch.zeros((n, n_groups(k, gs)), dtype=torch.int8, device=kernel_device)
+    grad = torch.full((n, k), -1.0, device=kernel_device)
+    out = ternary_update_stochastic(packed, exp, exp.clone(), grad, torch.tensor(step, device=kernel_device), k, gs,
+                                    4, 127, 321, 64, 100)
+    assert abs(out[3].item() - n * k * rate) <= 5 * math.sqrt(n * k * rate * (1 - rate))
 
 
 def test_draws_are_uniform_and_streams_differ():
@@ -530,6 +578,8 @@ def test_stochastic_compiled_matches_eager():
     assert want[3].item() > 0 and want[4].item() > 0  # the example exercises both rules
     assert_same(torch.compile(two_steps, fullgraph=True)(*inputs), want, STOCHASTIC_OUTPUTS)
     torch.library.opcheck(torch.ops.arbfn.ternary_update_stochastic.default, (*inputs, k, gs, th, the, seed))
+    torch.library.opcheck(torch.ops.arbfn.ternary_update_stochastic.default,
+                          (*inputs[:4], torch.tensor(4), k, gs, 2, the, seed, 300, 10))
 
 
 # ---------------------------------------------------------------- 7. 4-bit counters, two per byte
