@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from arbfn.data import VOCAB_SIZE
-from kernels.update import MAX_DRAW_THRESHOLD, check_anneal
+from kernels.update import check_flip_schedule
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # TrainConfig.compute_dtype
 
@@ -225,16 +225,14 @@ class UpdateConfig:
         if self.flip_counters and not 1 <= self.flip_threshold <= 127:
             raise ValueError(f"UpdateConfig.flip_threshold must be in 1..127 (an int8 counter), got "
                              f"{self.flip_threshold}")
-        if not self.flip_counters and not 1 <= self.flip_threshold <= MAX_DRAW_THRESHOLD:
-            raise ValueError(f"UpdateConfig.flip_threshold must be in 1..2**24 for stochastic flips (a 24-bit draw), "
-                             f"got {self.flip_threshold}")
         if self.flip_counters and (self.flip_threshold_final or self.anneal_steps):
             raise ValueError("UpdateConfig.flip_threshold_final and anneal_steps anneal stochastic flips; counter "
                              "mode has no schedule (set flip_mode='stochastic' or leave both 0)")
-        try:
-            check_anneal(self.flip_threshold_final, self.anneal_steps)
-        except ValueError as e:
-            raise ValueError(f"UpdateConfig: {e}") from None
+        if not self.flip_counters:  # θ up to 2**24 (a 24-bit draw), and the schedule's ints
+            try:
+                check_flip_schedule(self.flip_threshold, self.flip_threshold_final, self.anneal_steps)
+            except ValueError as e:
+                raise ValueError(f"UpdateConfig.{e}") from None
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"UpdateConfig.seed must be in 0..2**32-1, got {self.seed}")
         if self.counter_bits not in (8, 4):

@@ -195,22 +195,24 @@ def attach_probes(tree: Any, probes: Any) -> Any:
 
 def update_weight(w: TernaryWeight, grad: torch.Tensor | None, flip_threshold: int, exp_threshold: int,
                   step: torch.Tensor | None = None, seed: int = 0, index: int = 0, counter_bits: int = 8,
-                  anneal: tuple[int, int] = (0, 0)) -> tuple[TernaryWeight, torch.Tensor, torch.Tensor]:
+                  cutoff: torch.Tensor | None = None) -> tuple[TernaryWeight, torch.Tensor, torch.Tensor]:
     """One sign-vote update of ``w`` from ``dL/dW``; returns (new weight, trits flipped, exponents moved).
 
     Without ``step``: counter flips (``w`` needs ``t_accum`` of ``counter_bits``: 8, or 4 packed). With ``step``
     (the state's int64 step counter): stochastic flips drawn from the stream of (run ``seed``, tensor number
-    ``index``), θ annealed to ``anneal`` = (final θ, steps) unless (0, 0); the new weight has no t_accum (a
-    counter it had is dropped: this rule never reads it).
+    ``index``), each vote moving its trit where its draw falls below ``cutoff`` (``update_ops.flip_cutoff`` of the
+    step: a θ schedule; default the constant ``flip_threshold``); the new weight has no t_accum (a counter it had
+    is dropped: this rule never reads it).
     """
     zero = torch.zeros((), dtype=torch.int64, device=w.packed.device)
     if grad is None or not w.trainable:
         return w, zero, zero
     k, gs = w.in_features, w.group_size
     if step is not None:
+        if cutoff is None:
+            cutoff = update_ops.flip_cutoff(step, flip_threshold)
         packed, exp, e_acc, flips, moves = update_ops.ternary_update_stochastic(
-            w.packed, w.exp, w.e_accum, grad, step, k, gs, flip_threshold, exp_threshold,
-            update_ops.stream_seed(seed, index), *anneal)
+            w.packed, w.exp, w.e_accum, grad, step, cutoff, k, gs, exp_threshold, update_ops.stream_seed(seed, index))
         return TernaryWeight(packed, exp, None, e_acc, k, gs), flips, moves
     if w.t_accum is None:
         raise ValueError("counter flips need t_accum; this weight has none (laid out for stochastic flips: "

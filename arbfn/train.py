@@ -24,6 +24,7 @@ from arbfn.config import Config, TrainConfig, UpdateConfig
 from arbfn.model import State, apply_model, update_counters
 from arbfn.objective import as_batch, byte_loss, objective
 from arbfn.ternary import attach_probes, is_ternary, make_probes, update_weight
+from kernels.update import flip_cutoff
 
 
 def loss_fn(state: State, batch: torch.Tensor) -> torch.Tensor:
@@ -62,13 +63,14 @@ def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State,
     pytree order), so the update stays a function of its inputs; their θ follows the config's schedule."""
     counts = {"flips": [], "exp_moves": []}
     step = state.step if update.flip_mode == "stochastic" else None
+    cutoff = None if step is None else flip_cutoff(step, update.flip_threshold, update.flip_threshold_final,
+                                                   update.anneal_steps)  # once per step, shared by every weight
 
     def upd(w, g):
         if not is_ternary(w):
             return w
         new, flips, moves = update_weight(w, g, update.flip_threshold, update.exp_threshold, step, update.seed,
-                                          len(counts["flips"]), update.counter_bits,
-                                          (update.flip_threshold_final, update.anneal_steps))
+                                          len(counts["flips"]), update.counter_bits, cutoff)
         counts["flips"].append(flips)
         counts["exp_moves"].append(moves)
         return new

@@ -21,6 +21,7 @@ from benchmarks._timing import copy_bandwidth_gbs, describe, format_table, graph
 from kernels import gemv_lut
 from kernels._triton import cdiv
 from kernels.packing import decode_reference, n_groups, pack, packed_width
+from kernels.update import flip_cutoff
 
 GROUP_SIZE = 32
 
@@ -115,8 +116,9 @@ def bandwidth_rows(device: torch.device, copy_gbs: float, scale: int) -> list[li
         lambda: ops.ternary_update_nibble(up, ue, nib, e_acc, grad, k, GROUP_SIZE, 7, 32),
         2 * (up.numel() + nib.numel() + 2 * ue.numel()) + grad.numel() * 4)
     step = torch.tensor(3, device=device)
+    cutoff = flip_cutoff(step, 16)
     add(f"ternary_update_stochastic {n}x{k}",
-        lambda: ops.ternary_update_stochastic(up, ue, e_acc, grad, step, k, GROUP_SIZE, 16, 32, 0),
+        lambda: ops.ternary_update_stochastic(up, ue, e_acc, grad, step, cutoff, k, GROUP_SIZE, 32, 0),
         2 * (up.numel() + 2 * ue.numel()) + grad.numel() * 4)
     e_, n_, d_ = 8, 2048 * scale, 512
     expert_out = torch.randn(e_, n_, d_, generator=gen).to(device)

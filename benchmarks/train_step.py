@@ -4,7 +4,7 @@ byte path, against the float twin of the byte path (same architecture, nn.Linear
 eager and under torch.compile), with peak device memory and the persistent state bytes per logical weight.
 
     python -m benchmarks.train_step [--device cuda] [--preset small] [--batch 16] [--context 256]
-                                    [--matmul-precision highest|high] [--layouts stochastic,nibble]
+                                    [--matmul-precision highest|high] [--layouts stochastic,annealed,nibble]
                                     [--compute-dtype float32|bfloat16]
 """
 
@@ -101,7 +101,8 @@ def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> list[list
     return rows
 
 
-LAYOUTS = {"stochastic": dict(flip_mode="stochastic"), "nibble": dict(counter_bits=4, flip_threshold=7)}
+LAYOUTS = {"stochastic": dict(flip_mode="stochastic"), "nibble": dict(counter_bits=4, flip_threshold=7),
+           "annealed": dict(flip_mode="stochastic", flip_threshold=64, flip_threshold_final=2048, anneal_steps=1000)}
 
 
 def with_layout(cfg: Config, layout: str) -> Config:
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-full", action="store_true", help="byte path only")
     ap.add_argument("--layouts", default="",
                     help="comma list of extra byte-path update layouts to time compiled: 'stochastic' (no flip "
-                         "counters), 'nibble' (4-bit counters, flip threshold 7)")
+                         "counters), 'annealed' (the same, θ 64 -> 2048 over 1000 steps), 'nibble' (4-bit counters, "
+                         "flip threshold 7)")
     args = ap.parse_args(argv)
     cfg, ids, device = step_setup(args)
     rows = [] if args.skip_full else ternary_rows(cfg, "full model", ids, device)

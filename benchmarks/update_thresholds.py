@@ -3,7 +3,8 @@
     python -m benchmarks.update_thresholds [--preset tiny] [--steps N] [--settings 8:4,8:32,64:32:stochastic]
     python -m benchmarks.update_thresholds --twin [--steps N] [--settings ...]
 
-A setting is ``flip_threshold:exp_threshold[:flip_mode[:seed]]`` (mode "counter" unless given). By default it
+A setting is ``flip_threshold:exp_threshold[:flip_mode[:seed]]`` (mode "counter" unless given); a flip
+threshold ``a..b`` (stochastic mode) anneals θ geometrically from a to b over the run's steps. By default it
 prints one row per setting of the whole preset: first and final next-byte loss, the worst total loss (all
 objective terms) over the run, held-out bits/byte, and the flips over the run. With ``--twin`` it runs
 :func:`arbfn.compare.compare` (byte path against the float twin) and prints held-out bits/byte of both, their
@@ -25,14 +26,21 @@ from arbfn.ternary import to_device
 from arbfn.train import train
 
 
-def parse_setting(text: str) -> UpdateConfig:
-    """``"flip:exp[:mode[:seed]]"`` as an UpdateConfig."""
+def parse_setting(text: str, steps: int) -> UpdateConfig:
+    """``"flip:exp[:mode[:seed]]"`` as an UpdateConfig; a flip of ``"a..b"`` anneals θ from a to b over ``steps``."""
     parts = text.split(":")
     if not 2 <= len(parts) <= 4:
         raise ValueError(f"a setting is flip:exp[:mode[:seed]], got {text!r}")
     mode = parts[2] if len(parts) > 2 else "counter"
     seed = int(parts[3]) if len(parts) > 3 else 0
-    return UpdateConfig(int(parts[0]), int(parts[1]), mode, seed)
+    flip, _, final = parts[0].partition("..")
+    anneal = dict(flip_threshold_final=int(final), anneal_steps=steps) if final else {}
+    return UpdateConfig(int(flip), int(parts[1]), mode, seed, **anneal)
+
+
+def flip_label(u: UpdateConfig) -> str:
+    """θ, or "θ0→θ1" for an annealed one."""
+    return f"{u.flip_threshold}→{u.flip_threshold_final}" if u.flip_threshold_final else str(u.flip_threshold)
 
 
 def configure(name: str, update: UpdateConfig, steps: int) -> Config:
@@ -59,7 +67,7 @@ def main() -> None:
     p.add_argument("--twin", action="store_true", help="byte path against the float twin (arbfn.compare)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    updates = [parse_setting(s) for s in a.settings.split(",")]
+    updates = [parse_setting(s, a.steps) for s in a.settings.split(",")]
     print(f"{a.preset} preset{' byte path vs float twin' if a.twin else ''}, {a.steps} steps, device {a.device}")
     if a.twin:
         print("| flip mode | flip θ | exp θ | seed | bpb ternary | bpb float | ratio | bytes/weight |")
@@ -70,7 +78,7 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for u in updates:
         cfg = configure(a.preset, u, a.steps)
-        head = f"| {u.flip_mode} | {u.flip_threshold} | {u.exp_threshold} |"
+        head = f"| {u.flip_mode} | {flip_label(u)} | {u.exp_threshold} |"
         if a.twin:
             r = compare(cfg, data.load_corpus())
             print(f"{head} {u.seed} | {r['bpb_ternary']:.4f} | {r['bpb_float']:.4f} | {r['ratio']:.3f} "

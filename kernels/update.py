@@ -6,13 +6,13 @@ Three ops, each a pure function (new tensors, inputs never written):
   exp_threshold) -> (packed', exp', t_accum', e_accum', flips, exp_moves)``: counter flips (below);
 * ``arbfn::ternary_update_nibble(...)``: the same arguments and the same rule as ``ternary_update``, with
   4-bit counters packed two per byte (half a byte per weight instead of one; θ at most 7);
-* ``arbfn::ternary_update_stochastic(packed, exp, e_accum, grad, step, k, group_size, flip_threshold,
-  exp_threshold, seed, flip_threshold_final=0, anneal_steps=0) -> (packed', exp', e_accum', flips, exp_moves)``:
-  counter-free flips (below), no per-weight state at all (1 byte per weight less than the counter op).
+* ``arbfn::ternary_update_stochastic(packed, exp, e_accum, grad, step, cutoff, k, group_size, exp_threshold,
+  seed) -> (packed', exp', e_accum', flips, exp_moves)``: counter-free flips (below), no per-weight state at
+  all (1 byte per weight less than the counter op).
 
 Shapes: packed uint8 [N, ceil(k/5)], exp int8 [N, G] with G = ceil(k/group_size), t_accum int8 [N, k]
 (``ternary_update_nibble``: uint8 [N, ceil(k/2)], below), e_accum int8 [N, G], grad float [N, k] = dL/dW,
-step a 0-dim int64 tensor; flips and exp_moves are 0-dim int64.
+step and cutoff 0-dim int64 tensors; flips and exp_moves are 0-dim int64.
 
 4-bit counters (:func:`pack_nibbles`): the counter of column c sits in byte c // 2 of its row, in the low
 nibble for even c and the high nibble for odd c, in two's complement: a value v in -8..7 is stored as v & 15
@@ -26,20 +26,23 @@ The rule, with θ = flip_threshold (1..127; 1..7 for 4-bit counters; 1..2**24 fo
   the trit vote is v = -s (descent direction).
 * counter flip, with the OLD trit t: a = clamp(t_accum + v, -θ, θ) (saturates, never wraps);
   up = (a >= θ) & (t < 1); down = (a <= -θ) & (t > -1); t' = t + up - down; a' = 0 where up | down, else a.
-* stochastic flip, with the OLD trit t: go = u < cut, with u the draw of this weight and cut =
-  :func:`flip_cutoff` = 2**24 // θ; up = go & (v > 0) & (t < 1); down = go & (v < 0) & (t > -1);
-  t' = t + up - down. A vote moves its trit with probability floor(2**24/θ) / 2**24 ≈ 1/θ (always for θ = 1,
-  where both flip rules agree). With ``flip_threshold_final`` θ1 > 0 and ``anneal_steps`` T >= 1, θ anneals
-  geometrically with the step: cut = floor(2**24 / (θ * (θ1/θ)**(clamp(step, 0, T)/T))) in float64, and
-  exactly 2**24 // θ1 from step T on; so fewer trits move as training goes on (the noise floor of votes
-  that split evenly falls with it). The cutoff is a tensor computed from ``step``, so a compiled or graphed
-  step anneals without recompiling.
+* stochastic flip, with the OLD trit t: go = u < cutoff, with u the draw of this weight;
+  up = go & (v > 0) & (t < 1); down = go & (v < 0) & (t > -1); t' = t + up - down. The cutoff is
+  :func:`flip_cutoff` of the step: floor(2**24 / θ) for a flip threshold θ (1..2**24), so a vote moves its
+  trit with probability floor(2**24/θ) / 2**24 ≈ 1/θ (always for θ = 1, where both flip rules agree); with a
+  schedule θ anneals geometrically from θ to θ1 over T steps: floor(2**24 / (θ * (θ1/θ)**(clamp(step, 0,
+  T)/T))) in float64, exactly 2**24 // θ1 from step T on, so fewer trits move as training goes on (the
+  noise floor of votes that split evenly falls with it). Any int64 cutoff is valid: <= 0 moves nothing,
+  >= 2**24 every vote. It is a tensor input, computed once per step by the caller (arbfn/train.py: fused
+  into the compiled step), so a compiled or graphed step anneals without recompiling and without a launch
+  per weight.
   The draw is a counter-based hash, so a step stays a function of (state, grad, step, seed):
   key = mix32((step mod 2**32) * W + seed mod 2**32); u = mix32((n*k + c) * W + key mod 2**32) >> 8 for
   weight [n, c], with W = 0x61C88647 and mix32 Wellons' lowbias32 (multipliers 0x21F0AAAD, 0x735A2D97).
-  All hash arithmetic is int64 on values below 2**32 times constants below 2**31, so no product
-  overflows and no unsigned or 8-bit type is involved (the Triton interpreter's weak spot). ``seed``
-  (0 <= seed < 2**32) names the stream; :func:`stream_seed` derives one per tensor from a run seed.
+  The reference hashes in int64 on values below 2**32 (times constants below 2**31, so no product
+  overflows); the kernels in uint32, whose products wrap mod 2**32 as the masks do, and they compute the key
+  from the step themselves (no 8-bit type: the Triton interpreter's weak spot). ``seed`` (0 <= seed < 2**32)
+  names the stream; :func:`stream_seed` derives one per tensor from a run seed.
 * exponent, per group g of row n, with the OLD trits (same gradient signs, before the flip):
   score = Σ_{k in g, k < K} s_k * t_k; b = clamp(e_accum - sign(score), -θE, θE);
   if b >= θE and E < 127: E += 1, b -= θE; elif b <= -θE and E > -128: E -= 1, b += θE.
@@ -92,19 +95,19 @@ def counter_layout(k: int, counter_bits: int) -> tuple[torch.dtype, int]:
 
 
 def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
-                      grad: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int,
+                      grad: torch.Tensor, k: int, group_size: int, flip_threshold: int | None, exp_threshold: int,
                       counter_bits: int = 8) -> None:
     """Raise ValueError on bad ints, dtypes or shapes (metadata only: no data-dependent checks).
 
-    ``t_accum=None`` checks the stochastic op's arguments, which have no per-weight accumulator (a flip
-    threshold up to 2**24); otherwise ``t_accum`` must have the layout of ``counter_bits`` and the flip threshold
-    must fit in its counter."""
+    ``t_accum=None`` (and ``flip_threshold=None``) checks the stochastic op's arguments, which have no per-weight
+    accumulator and take a cutoff tensor instead of a threshold; otherwise ``t_accum`` must have the layout of
+    ``counter_bits`` and the flip threshold must fit in its counter."""
     check_counter_bits(counter_bits)
-    flip_limit = MAX_THRESHOLD if t_accum is not None else MAX_DRAW_THRESHOLD
-    for name, th, limit in (("flip_threshold", flip_threshold, flip_limit), ("exp_threshold", exp_threshold,
-                                                                             MAX_THRESHOLD)):
-        if not 1 <= th <= limit:
-            raise ValueError(f"{name} must be in 1..{limit}, got {th}")
+    checked = [("exp_threshold", exp_threshold)] + ([] if flip_threshold is None else [("flip_threshold",
+                                                                                        flip_threshold)])
+    for name, th in checked:
+        if not 1 <= th <= MAX_THRESHOLD:
+            raise ValueError(f"{name} must be in 1..{MAX_THRESHOLD}, got {th}")
     if t_accum is not None and flip_threshold > COUNTER_LIMITS[counter_bits]:
         raise ValueError(f"flip_threshold must be at most {COUNTER_LIMITS[counter_bits]} for {counter_bits}-bit "
                          f"counters, got {flip_threshold}")
@@ -128,9 +131,12 @@ def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Te
         raise ValueError(f"N * k must be below 2**31 (int32 offsets), got {n} * {k}")
 
 
-def check_anneal(flip_threshold_final: int, anneal_steps: int) -> None:
-    """Raise ValueError unless (θ1, T) is no schedule (0, 0) or a final threshold in 1..2**24 reached after
-    T >= 1 steps."""
+def check_flip_schedule(flip_threshold: int, flip_threshold_final: int = 0, anneal_steps: int = 0) -> None:
+    """Raise ValueError unless θ is in 1..2**24 and (θ1, T) is no schedule (0, 0) or a final threshold in
+    1..2**24 reached after T >= 1 steps."""
+    if not 1 <= flip_threshold <= MAX_DRAW_THRESHOLD:
+        raise ValueError(f"flip_threshold must be in 1..{MAX_DRAW_THRESHOLD} for stochastic flips, got "
+                         f"{flip_threshold}")
     if flip_threshold_final == 0:
         if anneal_steps != 0:
             raise ValueError(f"anneal_steps needs flip_threshold_final (the threshold to anneal to), got "
@@ -145,13 +151,13 @@ def check_anneal(flip_threshold_final: int, anneal_steps: int) -> None:
 
 
 def check_stochastic_args(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor, grad: torch.Tensor,
-                          step: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int,
-                          seed: int, flip_threshold_final: int = 0, anneal_steps: int = 0) -> None:
-    """:func:`check_update_args` for the stochastic op, plus its step tensor, seed and θ schedule."""
-    check_update_args(packed, exp, None, e_accum, grad, k, group_size, flip_threshold, exp_threshold)
-    check_anneal(flip_threshold_final, anneal_steps)
-    if step.dtype != torch.int64 or step.dim() != 0:
-        raise ValueError(f"step must be a 0-dim int64 tensor, got {step.dtype} of shape {tuple(step.shape)}")
+                          step: torch.Tensor, cutoff: torch.Tensor, k: int, group_size: int, exp_threshold: int,
+                          seed: int) -> None:
+    """:func:`check_update_args` for the stochastic op, plus its step and cutoff tensors and seed."""
+    check_update_args(packed, exp, None, e_accum, grad, k, group_size, None, exp_threshold)
+    for name, t in (("step", step), ("cutoff", cutoff)):
+        if t.dtype != torch.int64 or t.dim() != 0:
+            raise ValueError(f"{name} must be a 0-dim int64 tensor, got {t.dtype} of shape {tuple(t.shape)}")
     if not 0 <= seed <= MASK32:
         raise ValueError(f"seed must be in 0..2**32-1, got {seed}")
 
@@ -190,7 +196,8 @@ def flip_cutoff(step: torch.Tensor, flip_threshold: int, flip_threshold_final: i
                 anneal_steps: int = 0) -> torch.Tensor:
     """The 0-dim int64 cutoff at ``step`` (a vote moves its trit where its draw is below it): floor(2**24 / θ)
     for a constant θ, else θ annealed geometrically to ``flip_threshold_final`` over ``anneal_steps`` (module
-    docstring). Torch ops on the step tensor, shared by both implementations, so a graph never bakes it in."""
+    docstring). Torch ops on the step tensor, so a compiled step fuses them and a graph never bakes them in."""
+    check_flip_schedule(flip_threshold, flip_threshold_final, anneal_steps)
     last = torch.full((), (1 << DRAW_BITS) // (flip_threshold_final or flip_threshold), dtype=torch.int64,
                       device=step.device)
     if flip_threshold_final == 0:
@@ -199,12 +206,6 @@ def flip_cutoff(step: torch.Tensor, flip_threshold: int, flip_threshold_final: i
     theta = flip_threshold * (flip_threshold_final / flip_threshold) ** frac
     return torch.where(step >= anneal_steps, last, torch.floor((1 << DRAW_BITS) / theta).to(torch.int64))
 
-
-def draw_key(step: torch.Tensor, seed: int, flip_threshold: int, flip_threshold_final: int = 0,
-             anneal_steps: int = 0) -> torch.Tensor:
-    """int64 [2]: (:func:`step_key`, :func:`flip_cutoff`) of one step, as the stochastic kernels read them."""
-    return torch.stack((step_key(step, seed), flip_cutoff(step, flip_threshold, flip_threshold_final,
-                                                          anneal_steps)))
 
 
 # ---------------------------------------------------------------- 4-bit counters (torch)
@@ -278,17 +279,14 @@ def ternary_update_reference(packed: torch.Tensor, exp: torch.Tensor, t_accum: t
 
 
 def ternary_update_stochastic_reference(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor,
-                                        grad: torch.Tensor, step: torch.Tensor, k: int, group_size: int,
-                                        flip_threshold: int, exp_threshold: int, seed: int,
-                                        flip_threshold_final: int = 0, anneal_steps: int = 0) -> StochasticOutputs:
+                                        grad: torch.Tensor, step: torch.Tensor, cutoff: torch.Tensor, k: int,
+                                        group_size: int, exp_threshold: int, seed: int) -> StochasticOutputs:
     """Pure-torch stochastic rule (see the module docstring)."""
-    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed,
-                          flip_threshold_final, anneal_steps)
+    check_stochastic_args(packed, exp, e_accum, grad, step, cutoff, k, group_size, exp_threshold, seed)
     packed, exp, e_accum, grad = (x.contiguous() for x in (packed, exp, e_accum, grad))
     t = unpack_reference(packed, k).to(torch.int32)
     s = _signs(grad)
-    cut = flip_cutoff(step, flip_threshold, flip_threshold_final, anneal_steps)
-    go = draws(step_key(step, seed), packed.shape[0], k) < cut
+    go = draws(step_key(step, seed), packed.shape[0], k) < cutoff
     up, down = go & (s < 0) & (t < 1), go & (s > 0) & (t > -1)
     new_e, new_b, moves = _exponent_rule(t, s, exp, e_accum, k, group_size, exp_threshold)
     new_packed, flips = _moved(t, up, down)
@@ -306,25 +304,24 @@ def _sign_of(grad_ptr, offs, mask):
 
 
 @triton.jit
-def _low32(x):
-    """x mod 2**32 for int64 x, by shifts only (no 32-bit unsigned literal)."""
-    return x - ((x >> 32) << 32)
-
-
-@triton.jit
-def _mix32(x):
-    """:func:`mix32` on int64 values in [0, 2**32)."""
+def _mix32u(x):
+    """:func:`mix32` in uint32 arithmetic: products wrap mod 2**32 as the torch form's masks do."""
     x = x ^ (x >> 16)
-    x = _low32(x * 0x21F0AAAD)
+    x = x * 0x21F0AAAD
     x = x ^ (x >> 15)
-    x = _low32(x * 0x735A2D97)
+    x = x * 0x735A2D97
     return x ^ (x >> 15)
 
 
 @triton.jit
-def _draw(key, offs):
-    """:func:`draws` at flat int32 offsets ``offs`` (int64 result in [0, 2**24))."""
-    return _mix32(_low32(offs.to(tl.int64) * 0x61C88647 + key)) >> 8
+def _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs):
+    """Where the draw of each weight at flat int32 offsets ``offs`` falls below the cutoff: the stream key
+    (:func:`step_key` of the step mod 2**32 and seed ``SEED_HI * 2**16 + SEED_LO``) and :func:`draws`, in
+    uint32; the cutoff clamped to 0..2**24 (the draws' range, so the outcome is the reference's)."""
+    seed = (SEED_HI.to(tl.uint32) << 16) | SEED_LO.to(tl.uint32)
+    key = _mix32u(tl.load(step_ptr).to(tl.uint32) * 0x61C88647 + seed)
+    cut = tl.minimum(tl.maximum(tl.load(cut_ptr), 0), 1 << 24).to(tl.int32)
+    return (_mix32u(offs.to(tl.uint32) * 0x61C88647 + key) >> 8).to(tl.int32) < cut
 
 
 @triton.jit
@@ -362,12 +359,12 @@ _FLIP_CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w) for bs, w in ((128,
 
 
 @autotuned(_FLIP_CONFIGS, key=["NQ", "K"], reset_to_zero=["count_ptr"])  # a larger tile writes fewer counts
-@triton.jit(do_not_specialize=["NQ", "K", "KB", "KT", "QB", "TH"])  # sizes vary per call: one compile per mode
-def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new_t_accum_ptr, count_ptr,
-                 NQ, K, KB, KT, QB, TH, BLOCK_S: tl.constexpr, STOCHASTIC: tl.constexpr, NIBBLES: tl.constexpr):
-    """Counter flips (t_accum in and out, KT bytes per row: int8, or with NIBBLES 4-bit pairs; key unused), or
-    with STOCHASTIC hashed flips where a draw is below the cutoff ``key_ptr[1]`` (:func:`draw_key`; TH and the
-    t_accum pointers unused).
+@triton.jit(do_not_specialize=["NQ", "K", "KB", "KT", "QB", "TH", "SEED_HI", "SEED_LO"])  # one compile per mode
+def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, new_packed_ptr, new_t_accum_ptr, count_ptr,
+                 NQ, K, KB, KT, QB, TH, SEED_HI, SEED_LO, BLOCK_S: tl.constexpr, STOCHASTIC: tl.constexpr,
+                 NIBBLES: tl.constexpr):
+    """Counter flips (t_accum in and out, KT bytes per row: int8, or with NIBBLES 4-bit pairs; step, cutoff and
+    seed unused), or with STOCHASTIC hashed flips (:func:`_stochastic_go`; TH and the t_accum pointers unused).
 
     A program takes BLOCK_S spans of two packed bytes (10 columns; QB spans per row) as a [BLOCK_S, 8, 2] tile
     whose digit d = 2p + r (valid below 10) is column 10 * span + d: gradients and int8 counters load and store
@@ -389,7 +386,7 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new
     t = trit_of(byte, cols)
     s = _sign_of(grad_ptr, offs, mask)
     if STOCHASTIC:
-        go = _draw(tl.load(key_ptr), offs) < tl.load(key_ptr + 1)
+        go = _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs)
         up = (go & (s < 0) & (t < 1)).to(tl.int32)
         down = (go & (s > 0) & (t > -1)).to(tl.int32)
     else:
@@ -421,19 +418,6 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, new_packed_ptr, new
 
 
 @triton.jit
-def _draw32(key, offs):
-    """:func:`_draw` in uint32 arithmetic (products wrap mod 2**32 as the int64 form's masks do): the same
-    24-bit draws in fewer, 32-bit instructions."""
-    x = offs.to(tl.uint32) * 0x61C88647 + key.to(tl.uint32)
-    x = x ^ (x >> 16)
-    x = x * 0x21F0AAAD
-    x = x ^ (x >> 15)
-    x = x * 0x735A2D97
-    x = x ^ (x >> 15)
-    return (x >> 8).to(tl.int32)
-
-
-@triton.jit
 def _add_to_byte(words, rn, q0, i: tl.constexpr, delta, row_ok, KB):
     """Atomically add ``delta`` [rows, octets] to byte ``q0 + i`` of each row (an int32 add on its aligned word;
     the byte's final value lies in 0..242, so a carry or borrow between partial adds cancels out)."""
@@ -446,10 +430,10 @@ _FUSED_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_O": o}, num_warps=w)  # on
 
 
 @autotuned(_FUSED_CONFIGS, key=["N", "K", "GS"], reset_to_zero=["count_ptr", "exp_count_ptr"])
-@triton.jit(do_not_specialize=["N", "KB", "KT", "G", "TH", "THE"])  # K's divisibility sets the vector width
-def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_ptr, new_packed_ptr,
-                  new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr, exp_count_ptr, N, K, KB, KT, G, TH, THE,
-                  GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, STOCHASTIC: tl.constexpr,
+@triton.jit(do_not_specialize=["N", "KB", "KT", "G", "TH", "THE", "SEED_HI", "SEED_LO"])  # K's divisibility sets
+def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr, e_accum_ptr,  # the vector width
+                  new_packed_ptr, new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr, exp_count_ptr, N, K, KB,
+                  KT, G, TH, THE, SEED_HI, SEED_LO, GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, STOCHASTIC: tl.constexpr,
                   NIBBLES: tl.constexpr):
     """Both rules in one pass over a [BLOCK_R rows, BLOCK_O octets, 8 columns] tile (GS a power of two from 8
     to 8 * BLOCK_O, so the tile holds whole groups): a thread's octet of gradients and counters loads and
@@ -484,7 +468,7 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, key_ptr, exp_ptr, e_accum_p
     tl.store(exp_count_ptr + pid, tl.sum(tl.sum(moved, axis=1), axis=0))
     # flip rule
     if STOCHASTIC:
-        go = _draw32(tl.load(key_ptr), offs) < tl.load(key_ptr + 1).to(tl.int32)
+        go = _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs)
         up = (go & (s < 0) & (t < 1)).to(tl.int32)
         down = (go & (s > 0) & (t > -1)).to(tl.int32)
     else:
@@ -538,11 +522,23 @@ def fuses(group_size: int) -> bool:
 _EXP_TILE = 4096  # elements per exponent program (BLOCK_Q * GS_P2)
 
 
+Stream = tuple[torch.Tensor, torch.Tensor, int]  # (step, cutoff, seed) of stochastic flips
+
+
+def _stream_args(stream: Stream | None) -> tuple:
+    """The kernels' (step, cutoff, seed high 16 bits, seed low 16 bits) arguments; unused zeros for counters
+    (the seed goes in halves: an int argument of 2**31 or more would compile as int64)."""
+    if stream is None:
+        return None, None, 0, 0
+    step, cutoff, seed = stream
+    return step, cutoff, seed >> 16, seed & 0xFFFF
+
+
 def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
-            grad: torch.Tensor, key: torch.Tensor | None, k: int, group_size: int, flip_threshold: int,
+            grad: torch.Tensor, stream: Stream | None, k: int, group_size: int, flip_threshold: int,
             exp_threshold: int, counter_bits: int = 8) -> Outputs:
-    """Both kernels on contiguous, checked inputs; ``key`` (:func:`draw_key`) selects stochastic flips (t_accum'
-    is then None, ``flip_threshold`` unused), else counter flips on ``counter_bits``-bit counters."""
+    """Both kernels on contiguous, checked inputs; ``stream`` selects stochastic flips (t_accum' is then None,
+    ``flip_threshold`` unused), else counter flips on ``counter_bits``-bit counters."""
     n, kb, g = packed.shape[0], packed_width(k), n_groups(k, group_size)
     new_packed = packed.new_empty(packed.shape)
     new_t_accum = None if t_accum is None else t_accum.new_empty(t_accum.shape)
@@ -551,7 +547,7 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
         zero = torch.zeros((), dtype=torch.int64, device=packed.device)
         return new_packed, new_exp, new_t_accum, new_e_accum, zero, zero.clone()
     if fuses(group_size):
-        return _launch_fused(packed, exp, t_accum, e_accum, grad, key, k, group_size, flip_threshold, exp_threshold,
+        return _launch_fused(packed, exp, t_accum, e_accum, grad, stream, k, group_size, flip_threshold, exp_threshold,
                              counter_bits, new_t_accum, new_exp, new_e_accum)
     gs_p2 = triton.next_power_of_2(group_size)
     block_q = min(_EXP_TILE // gs_p2, triton.next_power_of_2(n * g))
@@ -562,16 +558,17 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
     # one count per program of the smallest tile any config uses; programs of a larger tile leave the rest 0
     flip_counts = torch.zeros(cdiv(n * qb, min(c.kwargs["BLOCK_S"] for c in _FLIP_CONFIGS)), dtype=torch.int32,
                               device=packed.device)
+    step, cutoff, seed_hi, seed_lo = _stream_args(stream)
     _flip_kernel[lambda m: (cdiv(n * qb, m["BLOCK_S"]),)](
-        packed, t_accum, grad, key, new_packed, new_t_accum, flip_counts, n * qb, k, kb,
-        counter_layout(k, counter_bits)[1], qb, flip_threshold, STOCHASTIC=key is not None,
-        NIBBLES=key is None and counter_bits == 4)
+        packed, t_accum, grad, step, cutoff, new_packed, new_t_accum, flip_counts, n * qb, k, kb,
+        counter_layout(k, counter_bits)[1], qb, flip_threshold, seed_hi, seed_lo, STOCHASTIC=stream is not None,
+        NIBBLES=stream is None and counter_bits == 4)
     return (new_packed, new_exp, new_t_accum, new_e_accum,
             flip_counts.sum(dtype=torch.int64), exp_counts.sum(dtype=torch.int64))
 
 
 def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
-                  grad: torch.Tensor, key: torch.Tensor | None, k: int, group_size: int, flip_threshold: int,
+                  grad: torch.Tensor, stream: Stream | None, k: int, group_size: int, flip_threshold: int,
                   exp_threshold: int, counter_bits: int, new_t_accum: torch.Tensor | None, new_exp: torch.Tensor,
                   new_e_accum: torch.Tensor) -> Outputs:
     """The fused kernel: the new packed bytes start as a copy of the old at a 4-byte aligned place in a buffer
@@ -584,10 +581,11 @@ def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor
     n_octets = cdiv(k, 8)
     tiles = max(cdiv(n, c.kwargs["BLOCK_R"]) * cdiv(n_octets, c.kwargs["BLOCK_O"]) for c in _FUSED_CONFIGS)
     counts = torch.zeros((2, tiles), dtype=torch.int32, device=packed.device)
+    step, cutoff, seed_hi, seed_lo = _stream_args(stream)
     _fused_kernel[lambda m: (cdiv(n, m["BLOCK_R"]), cdiv(n_octets, m["BLOCK_O"]))](
-        packed, t_accum, grad, key, exp, e_accum, new_packed, new_t_accum, new_exp, new_e_accum, counts[0],
-        counts[1], n, k, kb, counter_layout(k, counter_bits)[1], g, flip_threshold, exp_threshold, GS=group_size,
-        STOCHASTIC=key is not None, NIBBLES=key is None and counter_bits == 4)
+        packed, t_accum, grad, step, cutoff, exp, e_accum, new_packed, new_t_accum, new_exp, new_e_accum, counts[0],
+        counts[1], n, k, kb, counter_layout(k, counter_bits)[1], g, flip_threshold, exp_threshold, seed_hi, seed_lo,
+        GS=group_size, STOCHASTIC=stream is not None, NIBBLES=stream is None and counter_bits == 4)
     # two separate sums: views of one tensor would alias the op's outputs
     return (new_packed, new_exp, new_t_accum, new_e_accum, counts[0].sum(dtype=torch.int64),
             counts[1].sum(dtype=torch.int64))
@@ -605,17 +603,15 @@ def ternary_update_triton(packed: torch.Tensor, exp: torch.Tensor, t_accum: torc
 
 
 def ternary_update_stochastic_triton(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor,
-                                     grad: torch.Tensor, step: torch.Tensor, k: int, group_size: int,
-                                     flip_threshold: int, exp_threshold: int, seed: int,
-                                     flip_threshold_final: int = 0, anneal_steps: int = 0) -> StochasticOutputs:
-    """Launch the exponent and stochastic-flip kernels (CUDA, or CPU under the interpreter)."""
-    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed,
-                          flip_threshold_final, anneal_steps)
-    check_launchable(packed, exp, e_accum, grad, step)
+                                     grad: torch.Tensor, step: torch.Tensor, cutoff: torch.Tensor, k: int,
+                                     group_size: int, exp_threshold: int, seed: int) -> StochasticOutputs:
+    """Launch the exponent and stochastic-flip kernels (CUDA, or CPU under the interpreter): no torch op runs
+    per call beyond the outputs' allocation and counts, the kernels hash the step themselves."""
+    check_stochastic_args(packed, exp, e_accum, grad, step, cutoff, k, group_size, exp_threshold, seed)
+    check_launchable(packed, exp, e_accum, grad, step, cutoff)
     packed, exp, e_accum, grad = (x.contiguous() for x in (packed, exp, e_accum, grad))
-    key = draw_key(step, seed, flip_threshold, flip_threshold_final, anneal_steps)
     new_packed, new_exp, _, new_e_accum, flips, moves = _launch(
-        packed, exp, None, e_accum, grad, key, k, group_size, 0, exp_threshold)
+        packed, exp, None, e_accum, grad, (step, cutoff, seed), k, group_size, 0, exp_threshold)
     return new_packed, new_exp, new_e_accum, flips, moves
 
 
@@ -675,25 +671,22 @@ ternary_update_nibble.register_fake(_counter_fake(4))
 
 @torch.library.custom_op("arbfn::ternary_update_stochastic", mutates_args=())
 def ternary_update_stochastic(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor, grad: torch.Tensor,
-                              step: torch.Tensor, k: int, group_size: int, flip_threshold: int, exp_threshold: int,
-                              seed: int, flip_threshold_final: int = 0, anneal_steps: int = 0
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sign-vote step with counter-free hashed flips: (packed', exp', e_accum', flips, exp_moves)."""
-    return ternary_update_stochastic_reference(packed, exp, e_accum, grad, step, k, group_size, flip_threshold,
-                                               exp_threshold, seed, flip_threshold_final, anneal_steps)
+                              step: torch.Tensor, cutoff: torch.Tensor, k: int, group_size: int, exp_threshold: int,
+                              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sign-vote step with counter-free hashed flips: (packed', exp', e_accum', flips, exp_moves); ``cutoff``
+    is :func:`flip_cutoff` of the step."""
+    return ternary_update_stochastic_reference(packed, exp, e_accum, grad, step, cutoff, k, group_size,
+                                               exp_threshold, seed)
 
 
 @ternary_update_stochastic.register_kernel("cuda")
-def _(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed, flip_threshold_final=0,
-      anneal_steps=0):
-    return ternary_update_stochastic_triton(packed, exp, e_accum, grad, step, k, group_size, flip_threshold,
-                                            exp_threshold, seed, flip_threshold_final, anneal_steps)
+def _(packed, exp, e_accum, grad, step, cutoff, k, group_size, exp_threshold, seed):
+    return ternary_update_stochastic_triton(packed, exp, e_accum, grad, step, cutoff, k, group_size, exp_threshold,
+                                            seed)
 
 
 @ternary_update_stochastic.register_fake
-def _(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed, flip_threshold_final=0,
-      anneal_steps=0):
-    check_stochastic_args(packed, exp, e_accum, grad, step, k, group_size, flip_threshold, exp_threshold, seed,
-                          flip_threshold_final, anneal_steps)
+def _(packed, exp, e_accum, grad, step, cutoff, k, group_size, exp_threshold, seed):
+    check_stochastic_args(packed, exp, e_accum, grad, step, cutoff, k, group_size, exp_threshold, seed)
     return packed.new_empty(packed.shape), exp.new_empty(exp.shape), e_accum.new_empty(e_accum.shape), \
         *_counts_like(packed)

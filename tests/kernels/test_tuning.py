@@ -128,14 +128,15 @@ def test_every_flip_config_matches_reference(kernel_device, mode, n, k):
     counters = torch.randint(1 - th, th, (n, k), generator=g, dtype=torch.int8)
     step = torch.tensor(5, dtype=torch.int64)
     if mode == "stochastic":
+        cutoff = update.flip_cutoff(step, th)
         ref_packed, _, _, ref_flips, _ = update.ternary_update_stochastic_reference(
-            packed, exp, e_acc, grad, step, k, gs, th, 1, 7)
-        t_acc, ref_t, key, cut = None, None, update.draw_key(step, 7, th).to(kernel_device), 0  # cutoff in key
+            packed, exp, e_acc, grad, step, cutoff, k, gs, 1, 7)
+        t_acc, ref_t, stream = None, None, (step.to(kernel_device), cutoff.to(kernel_device), 7)
     else:
         t_acc = update.pack_nibbles(counters) if mode == "nibble" else counters
         ref_packed, _, ref_t, _, ref_flips, _ = update.ternary_update_reference(
             packed, exp, t_acc, e_acc, grad, k, gs, th, 1, counter_bits=4 if mode == "nibble" else 8)
-        t_acc, key, cut = t_acc.to(kernel_device), None, th
+        t_acc, stream = t_acc.to(kernel_device), None
     kb, qb = packed_width(k), cdiv(packed_width(k), 2)
     kt = t_acc.shape[1] if t_acc is not None else k
     for config in update._flip_kernel.configs:
@@ -143,8 +144,8 @@ def test_every_flip_config_matches_reference(kernel_device, mode, n, k):
         new_t = None if t_acc is None else torch.full_like(t_acc, 99)
         counts = torch.zeros(cdiv(n * qb, config.kwargs["BLOCK_S"]), dtype=torch.int32, device=kernel_device)
         launch(update._flip_kernel, config, lambda m: (cdiv(n * qb, m["BLOCK_S"]),), packed.to(kernel_device), t_acc,
-               grad.to(kernel_device), key, new_packed, new_t, counts, n * qb, k, kb, kt, qb, cut,
-               STOCHASTIC=mode == "stochastic", NIBBLES=mode == "nibble")
+               grad.to(kernel_device), *update._stream_args(stream)[:2], new_packed, new_t, counts, n * qb, k, kb, kt,
+               qb, th, *update._stream_args(stream)[2:], STOCHASTIC=mode == "stochastic", NIBBLES=mode == "nibble")
         assert torch.equal(new_packed.cpu(), ref_packed), config
         assert new_t is None or torch.equal(new_t.cpu(), ref_t), config
         assert int(counts.sum()) == int(ref_flips), config
@@ -167,13 +168,15 @@ def test_every_fused_update_config_matches_reference(kernel_device, monkeypatch,
     bits = 4 if mode == "nibble" else 8
     t_acc = update.pack_nibbles(counters) if bits == 4 else counters
     if mode == "stochastic":
-        ref = update.ternary_update_stochastic_reference(packed, exp, e_acc, grad, step, k, gs, th, the, 7)
+        cutoff = update.flip_cutoff(step, th)
+        ref = update.ternary_update_stochastic_reference(packed, exp, e_acc, grad, step, cutoff, k, gs, the, 7)
     else:
         ref = update.ternary_update_reference(packed, exp, t_acc, e_acc, grad, k, gs, th, the, counter_bits=bits)
     for config in each_config(update._fused_kernel, monkeypatch):
         if mode == "stochastic":
-            out = update.ternary_update_stochastic_triton(**dev, step=step.to(kernel_device), k=k, group_size=gs,
-                                                          flip_threshold=th, exp_threshold=the, seed=7)
+            out = update.ternary_update_stochastic_triton(**dev, step=step.to(kernel_device),
+                                                          cutoff=cutoff.to(kernel_device), k=k, group_size=gs,
+                                                          exp_threshold=the, seed=7)
         else:
             out = update.ternary_update_triton(**dev, t_accum=t_acc.to(kernel_device), k=k, group_size=gs,
                                                flip_threshold=th, exp_threshold=the, counter_bits=bits)

@@ -260,20 +260,25 @@ def _bad_cases():
 
 def _bad_stochastic_cases():
     (p, e, _, ea, gr), k, gs, th, the = _small()
-    ok = dict(packed=p, exp=e, e_accum=ea, grad=gr, step=torch.tensor(3), k=k, group_size=gs, flip_threshold=th,
-              exp_threshold=the, seed=0)
+    ok = dict(packed=p, exp=e, e_accum=ea, grad=gr, step=torch.tensor(3), cutoff=flip_cutoff(torch.tensor(3), th),
+              k=k, group_size=gs, exp_threshold=the, seed=0)
     bad = {
-        "flip_threshold=0": dict(flip_threshold=0), "exp_threshold=128": dict(exp_threshold=128),
+        "exp_threshold=128": dict(exp_threshold=128),
         "group_size=3": dict(group_size=3), "k too big": dict(k=14), "packed width": dict(packed=p[:, :2]),
         "e_accum shape": dict(e_accum=ea[:, :1]), "grad int": dict(grad=gr.nan_to_num().to(torch.int32)),
         "step int32": dict(step=torch.tensor(3, dtype=torch.int32)), "step 1-D": dict(step=torch.tensor([3])),
-        "seed<0": dict(seed=-1), "seed>=2**32": dict(seed=2**32), "flip_threshold=2**24+1": dict(flip_threshold=2**24 + 1),
-        "anneal without final": dict(anneal_steps=10), "final without anneal": dict(flip_threshold_final=64),
-        "final=2**24+1": dict(flip_threshold_final=2**24 + 1, anneal_steps=10),
-        "anneal_steps<0": dict(flip_threshold_final=64, anneal_steps=-1),
+        "cutoff int32": dict(cutoff=torch.tensor(5, dtype=torch.int32)), "cutoff 1-D": dict(cutoff=torch.tensor([5])),
+        "seed<0": dict(seed=-1), "seed>=2**32": dict(seed=2**32),
     }
     impls = (ternary_update_stochastic, ternary_update_stochastic_reference, ternary_update_stochastic_triton)
     return [pytest.param(impls, {**ok, **change}, id=f"stochastic {name}") for name, change in bad.items()]
+
+
+@pytest.mark.parametrize("args", [(0,), (2**24 + 1,), (64, 2**24 + 1, 5), (64, 128, 0), (64, 128, -1), (64, 0, 5)],
+                         ids=["θ=0", "θ=2**24+1", "θ1=2**24+1", "θ1 without steps", "steps<0", "steps without θ1"])
+def test_bad_flip_schedules_raise(args):
+    with pytest.raises(ValueError):
+        flip_cutoff(torch.tensor(0), *args)
 
 
 NIBBLE_IMPLS = (ternary_update_nibble, functools.partial(ternary_update_reference, counter_bits=4),
@@ -362,13 +367,21 @@ EXTREME_STEPS = (0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, -1, -(2**6
 EXTREME_SEEDS = (0, 1, 2**31 - 1, 2**31, 2**32 - 1)
 
 
+EXTREME_CUTOFFS = (-(2**63), -1, 0, 1, 2**24 - 1, 2**24, 2**24 + 1, 2**40)
+
+
 @st.composite
 def stochastic_cases(draw, max_n: int = 9, max_k: int = 70):
-    """(inputs without t_accum, plus step, k, group_size, flip_threshold, exp_threshold, seed)."""
+    """(inputs without t_accum, plus step and cutoff, k, group_size, exp_threshold, seed): the cutoff of a
+    threshold θ (that of the counter case), an annealed one at the case's step, or any int64."""
     (packed, exp, _, e_accum, grad), k, gs, th, the = draw(cases(max_n, max_k))
-    step = draw(st.one_of(st.sampled_from(EXTREME_STEPS), st.integers(-(2**63), 2**63 - 1)))
+    step = torch.tensor(draw(st.one_of(st.sampled_from(EXTREME_STEPS), st.integers(-(2**63), 2**63 - 1))))
     seed = draw(st.one_of(st.sampled_from(EXTREME_SEEDS), st.integers(0, 2**32 - 1)))
-    return (packed, exp, e_accum, grad, torch.tensor(step, dtype=torch.int64)), k, gs, th, the, seed
+    cutoff = draw(st.one_of(
+        st.just(flip_cutoff(step, th)),
+        st.builds(lambda th1, t: flip_cutoff(step, th, th1, t), st.integers(1, 2**24), st.integers(1, 2**40)),
+        st.sampled_from(EXTREME_CUTOFFS).map(torch.tensor)))
+    return (packed, exp, e_accum, grad, step, cutoff), k, gs, the, seed
 
 
 @given(stochastic_cases())
@@ -388,9 +401,9 @@ def _mix32(x: int) -> int:
     return x ^ (x >> 15)
 
 
-def stochastic_rule_by_loops(packed, exp, e_accum, grad, step, k, gs, th, the, seed):
+def stochastic_rule_by_loops(packed, exp, e_accum, grad, step, cutoff, k, gs, the, seed):
     """The stochastic flip restated element by element (the exponent part is the counter op's, tested above)."""
-    P, GR = packed.tolist(), grad.tolist()
+    P, GR, cut = packed.tolist(), grad.tolist(), int(cutoff)
     key = _mix32((int(step) % 2**32 * 0x61C88647 + seed) % 2**32)
     kb, flips, out_p = -(-k // 5), 0, []
     for r in range(len(P)):
@@ -399,7 +412,7 @@ def stochastic_rule_by_loops(packed, exp, e_accum, grad, step, k, gs, th, the, s
             t = (P[r][c // 5] // 3 ** (c % 5)) % 3 - 1
             vote = -1 if GR[r][c] > 0 else (1 if GR[r][c] < 0 else 0)
             u = _mix32(((r * k + c) * 0x61C88647 + key) % 2**32) >> 8
-            if u * th < 2**24 - (2**24 % th) and vote and -1 <= t + vote <= 1:  # u < floor(2**24 / θ)
+            if u < cut and vote and -1 <= t + vote <= 1:
                 t, flips = t + vote, flips + 1
             new.append(t)
         digits = [t + 1 for t in new] + [1] * (5 * kb - k)
@@ -409,23 +422,23 @@ def stochastic_rule_by_loops(packed, exp, e_accum, grad, step, k, gs, th, the, s
 
 @given(stochastic_cases(max_n=4, max_k=40))
 def test_stochastic_reference_matches_plain_python(case):
-    inputs, k, gs, th, the, seed = case
-    packed, exp, e_accum, grad, _ = inputs
-    got = ternary_update_stochastic_reference(*inputs, k, gs, th, the, seed)
-    want_p, want_flips = stochastic_rule_by_loops(*inputs, k, gs, th, the, seed)
+    inputs, k, gs, the, seed = case
+    packed, exp, e_accum, grad, _, _ = inputs
+    got = ternary_update_stochastic_reference(*inputs, k, gs, the, seed)
+    want_p, want_flips = stochastic_rule_by_loops(*inputs, k, gs, the, seed)
     assert torch.equal(got[0], want_p) and torch.equal(got[3], want_flips)
     counter = ternary_update_reference(packed, exp, torch.zeros(grad.shape, dtype=torch.int8), e_accum, grad, k, gs,
-                                       th, the)
+                                       1, the)
     for mine, theirs in ((got[1], counter[1]), (got[2], counter[3]), (got[4], counter[5])):  # the same exponent rule
         assert torch.equal(mine, theirs)
 
 
 @given(stochastic_cases(max_n=4, max_k=40))
 def test_stochastic_threshold_one_is_counter_threshold_one(kernel_device, case):
-    """With θ = 1 every vote moves its trit, as the counter rule with θ = 1 does."""
-    (packed, exp, e_accum, grad, step), k, gs, _, the, seed = case
-    dev = [x.to(kernel_device) for x in (packed, exp, e_accum, grad, step)]
-    got = ternary_update_stochastic(*dev, k, gs, 1, the, seed)
+    """With θ = 1 (cutoff 2**24) every vote moves its trit, as the counter rule with θ = 1 does."""
+    (packed, exp, e_accum, grad, step, _), k, gs, the, seed = case
+    dev = [x.to(kernel_device) for x in (packed, exp, e_accum, grad, step, flip_cutoff(step, 1))]
+    got = ternary_update_stochastic(*dev, k, gs, the, seed)
     ta = torch.zeros(grad.shape, dtype=torch.int8, device=kernel_device)
     p, e, _, ea, flips, moves = ternary_update(dev[0], dev[1], ta, dev[2], dev[3], k, gs, 1, the)
     assert_same(got, (p, e, ea, flips, moves), STOCHASTIC_OUTPUTS)
@@ -434,33 +447,38 @@ def test_stochastic_threshold_one_is_counter_threshold_one(kernel_device, case):
 @given(stochastic_cases(), st.sampled_from((0.0, math.nan)))
 def test_stochastic_moves_only_along_votes(kernel_device, case, fill):
     """Trits move by at most one step, only in their vote's direction; a silent grad changes nothing."""
-    (packed, exp, e_accum, grad, step), k, gs, th, the, seed = case
-    dev = [x.to(kernel_device) for x in (packed, exp, e_accum, grad, step)]
-    new_p, _, _, flips, _ = (x.cpu() for x in ternary_update_stochastic(*dev, k, gs, th, the, seed))
+    (packed, exp, e_accum, grad, step, cutoff), k, gs, the, seed = case
+    dev = [x.to(kernel_device) for x in (packed, exp, e_accum, grad, step, cutoff)]
+    new_p, _, _, flips, _ = (x.cpu() for x in ternary_update_stochastic(*dev, k, gs, the, seed))
     validate_packed(new_p, k)
     delta = unpack_reference(new_p, k).to(torch.int32) - unpack_reference(packed, k).to(torch.int32)
     vote = (grad < 0).to(torch.int32) - (grad > 0).to(torch.int32)
     assert torch.all((delta == 0) | (delta == vote)) and flips.item() == int((delta != 0).sum())
     inner = dev[2].clamp(-the + 1, the - 1)  # an accumulator at ±θE moves its exponent even without a vote
-    silent = ternary_update_stochastic(dev[0], dev[1], inner, torch.full_like(dev[3], fill), dev[4], k, gs, th, the,
-                                       seed)
+    silent = ternary_update_stochastic(dev[0], dev[1], inner, torch.full_like(dev[3], fill), dev[4], dev[5], k, gs,
+                                       the, seed)
     assert_same(silent, (dev[0], dev[1], inner, torch.tensor(0), torch.tensor(0)), STOCHASTIC_OUTPUTS)
 
 
-@pytest.mark.parametrize("th", (1, 2, 7, 64, 127))
-@pytest.mark.parametrize("step", (0, 2**32 - 1, 2**63 - 1))
-def test_stochastic_flip_rate_is_one_over_theta(kernel_device, th, step):
-    """All-zero trits under one vote direction: the moved fraction is floor(2**24/θ)/2**24 within 5 sigma."""
+def _moved_fraction(kernel_device, step: int, cutoff: torch.Tensor) -> tuple[int, int]:
+    """(trits moved, weights) when 64 x 500 zero trits all vote up at ``step`` under ``cutoff``."""
     n, k, gs = 64, 500, 32
     packed = pack_reference(torch.zeros((n, k), dtype=torch.int8)).to(kernel_device)
     exp = torch.zeros((n, n_groups(k, gs)), dtype=torch.int8, device=kernel_device)
     grad = torch.full((n, k), -1.0, device=kernel_device)
-    p = int(flip_cutoff(torch.tensor(step), th)) / 2**24
-    sd = math.sqrt(n * k * p * (1 - p))
     out = ternary_update_stochastic(packed, exp, exp.clone(), grad, torch.tensor(step, device=kernel_device),
-                                    k, gs, th, 127, 12345)
-    assert abs(out[3].item() - n * k * p) <= 5 * sd + 1e-9
+                                    cutoff.to(kernel_device), k, gs, 127, 12345)
     assert torch.all(unpack_reference(out[0].cpu(), k) >= 0)
+    return out[3].item(), n * k
+
+
+@pytest.mark.parametrize("th", (1, 2, 7, 64, 127, 1000))
+@pytest.mark.parametrize("step", (0, 2**32 - 1, 2**63 - 1))
+def test_stochastic_flip_rate_is_one_over_theta(kernel_device, th, step):
+    """All-zero trits under one vote direction: the moved fraction is floor(2**24/θ)/2**24 within 5 sigma."""
+    p = int(flip_cutoff(torch.tensor(step), th)) / 2**24
+    moved, n = _moved_fraction(kernel_device, step, flip_cutoff(torch.tensor(step), th))
+    assert abs(moved - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1e-9
 
 
 def _unmix32(h: int) -> int:
@@ -485,9 +503,9 @@ def test_stochastic_cutoff_is_exact(kernel_device, th):
         seed = _unmix32(_unmix32(h))  # step_key(0, seed) = mix32(seed); the draw of weight 0 = mix32(key) >> 8
         assert _mix32(_mix32(seed)) == h and int(draws(step_key(torch.tensor(0), seed), 1, 1)) == u
         packed, exp = pack_reference(torch.zeros((1, 1), dtype=torch.int8)), torch.zeros((1, 1), dtype=torch.int8)
-        args = (packed, exp, exp.clone(), torch.full((1, 1), -1.0), torch.tensor(0))
+        args = (packed, exp, exp.clone(), torch.full((1, 1), -1.0), torch.tensor(0), flip_cutoff(torch.tensor(0), th))
         for impl in (ternary_update_stochastic_reference, ternary_update_stochastic_triton):
-            out = impl(*(x.to(kernel_device) for x in args), 1, 4, th, 127, seed)
+            out = impl(*(x.to(kernel_device) for x in args), 1, 4, 127, seed)
             assert out[3].item() == int(u < cut), (impl.__name__, u, cut)
 
 
@@ -505,35 +523,11 @@ def test_flip_cutoff_anneals_geometrically(th, th1, steps):
     assert int(flip_cutoff(torch.tensor(5), th)) == 2**24 // th  # no schedule: constant
 
 
-@st.composite
-def annealed_cases(draw):
-    """A stochastic case with a θ schedule whose step falls before, inside or after the anneal."""
-    inputs, k, gs, th, the, seed = draw(stochastic_cases())
-    th = draw(st.sampled_from((th, 1000, 2**24)))
-    th1 = draw(st.integers(1, 2**24))
-    steps = draw(st.integers(1, 2**40))
-    at = draw(st.sampled_from((0, steps // 3, steps - 1, steps)))
-    return (*inputs[:4], torch.tensor(at, dtype=torch.int64)), k, gs, th, the, seed, th1, steps
-
-
-@given(annealed_cases())
-def test_annealed_triton_matches_reference(kernel_device, case):
-    inputs, *ints = case
-    want = ternary_update_stochastic_reference(*inputs, *ints)
-    got = ternary_update_stochastic_triton(*(x.to(kernel_device) for x in inputs), *ints)
-    assert_same(got, want, STOCHASTIC_OUTPUTS)
-
-
 @pytest.mark.parametrize("step,rate", ((0, 1 / 4), (50, 1 / 16), (100, 1 / 64), (10**6, 1 / 64)))
 def test_annealed_flip_rate_follows_the_schedule(kernel_device, step, rate):
     """θ 4 -> 64 over 100 steps: all-zero trits under one vote move at 1/4, 1/16 (halfway), 1/64 (from the end)."""
-    n, k, gs = 64, 500, 32
-    packed = pack_reference(torch.zeros((n, k), dtype=torch.int8)).to(kernel_device)
-    exp = torch.zeros((n, n_groups(k, gs)), dtype=torch.int8, device=kernel_device)
-    grad = torch.full((n, k), -1.0, device=kernel_device)
-    out = ternary_update_stochastic(packed, exp, exp.clone(), grad, torch.tensor(step, device=kernel_device), k, gs,
-                                    4, 127, 321, 64, 100)
-    assert abs(out[3].item() - n * k * rate) <= 5 * math.sqrt(n * k * rate * (1 - rate))
+    moved, n = _moved_fraction(kernel_device, step, flip_cutoff(torch.tensor(step), 4, 64, 100))
+    assert abs(moved - n * rate) <= 5 * math.sqrt(n * rate * (1 - rate))
 
 
 def test_draws_are_uniform_and_streams_differ():
@@ -566,10 +560,13 @@ def test_stochastic_compiled_matches_eager():
     k, gs, th, the, seed = 37, 6, 3, 1, 99
     packed, exp, _, e_accum, grad = make_case(5, k, gs, th, the, "edge", "edge", "mixed", seed=3)
 
-    def two_steps(packed, exp, e_accum, grad, step):
-        *state, f1, m1 = torch.ops.arbfn.ternary_update_stochastic(packed, exp, e_accum, grad, step, k, gs, th, the,
+    def two_steps(packed, exp, e_accum, grad, step):  # an annealed cutoff computed in the graph, once per step
+        *state, f1, m1 = torch.ops.arbfn.ternary_update_stochastic(packed, exp, e_accum, grad, step,
+                                                                    flip_cutoff(step, th, 40, 2**32 + 5), k, gs, the,
                                                                     seed)
-        *state, f2, m2 = torch.ops.arbfn.ternary_update_stochastic(*state, -grad, step + 1, k, gs, th, the, seed)
+        *state, f2, m2 = torch.ops.arbfn.ternary_update_stochastic(*state, -grad, step + 1,
+                                                                    flip_cutoff(step + 1, th, 40, 2**32 + 5), k, gs,
+                                                                    the, seed)
         return (*state, f1 + f2, m1 + m2)
 
     inputs = (packed, exp, e_accum, grad, torch.tensor(2**32 - 1))
@@ -577,9 +574,8 @@ def test_stochastic_compiled_matches_eager():
     want = two_steps(*inputs)
     assert want[3].item() > 0 and want[4].item() > 0  # the example exercises both rules
     assert_same(torch.compile(two_steps, fullgraph=True)(*inputs), want, STOCHASTIC_OUTPUTS)
-    torch.library.opcheck(torch.ops.arbfn.ternary_update_stochastic.default, (*inputs, k, gs, th, the, seed))
     torch.library.opcheck(torch.ops.arbfn.ternary_update_stochastic.default,
-                          (*inputs[:4], torch.tensor(4), k, gs, 2, the, seed, 300, 10))
+                          (*inputs, flip_cutoff(inputs[4], th), k, gs, the, seed))
 
 
 # ---------------------------------------------------------------- 7. 4-bit counters, two per byte
