@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from arbfn.model import State
-from arbfn.ternary import is_ternary, weights
+from arbfn.ternary import weights
 
 
 class AuditError(ValueError):

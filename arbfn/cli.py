@@ -60,10 +60,13 @@ def _with_update_flags(cfg, args: argparse.Namespace, resuming: bool):
     """``cfg`` with the update knobs given on the command line (--flip-mode, --counter-bits, --flip-threshold,
     --exp-threshold, --flip-threshold-final, --anneal-steps). A resumed checkpoint keeps its flip mode and counter
     width: its state layout belongs to them. --flip-threshold-final without --anneal-steps anneals over the
-    run's steps."""
+    run's steps (--steps, else the preset's; a resumed run must say where the schedule ends)."""
     knobs = ("flip_mode", "counter_bits", "flip_threshold", "exp_threshold", "flip_threshold_final", "anneal_steps")
     given = {k: v for k, v in vars(args).items() if k in knobs and v is not None}
     if "flip_threshold_final" in given and "anneal_steps" not in given:
+        if resuming:  # the schedule counts the state's steps from its first, not this invocation's
+            raise ValueError("--flip-threshold-final on a resumed run needs --anneal-steps: the step (counted from "
+                             "the run's first) at which θ reaches it")
         given["anneal_steps"] = args.steps or cfg.train.steps
     for name in ("flip_mode", "counter_bits"):
         if resuming and name in given and given[name] != getattr(cfg.update, name):

@@ -20,7 +20,7 @@ and a nibble u reads back as u - 16 where u >= 8. The padding nibble (high nibbl
 is odd) is ignored on input and written 0.
 
 The rule, with θ = flip_threshold (1..127; 1..7 for 4-bit counters; 1..2**24 for stochastic flips) and
-θE = exp_threshold (1..127), votes in int32, hashes in int64:
+θE = exp_threshold (1..127), votes in int32:
 
 * sign s = +1 where grad > 0, -1 where grad < 0, 0 where grad == 0 or NaN (NaN never votes);
   the trit vote is v = -s (descent direction).
@@ -182,7 +182,8 @@ def stream_seed(seed: int, index: int) -> int:
 
 
 def step_key(step: torch.Tensor, seed: int) -> torch.Tensor:
-    """The 0-dim int64 key in [0, 2**32) of one (step, stream): torch ops, shared by both implementations."""
+    """The 0-dim int64 key in [0, 2**32) of one (step, stream), in torch ops (the reference's; the kernels
+    compute the same key from the step themselves)."""
     return mix32(((step & MASK32) * WEYL + seed) & MASK32)
 
 
@@ -205,7 +206,6 @@ def flip_cutoff(step: torch.Tensor, flip_threshold: int, flip_threshold_final: i
     frac = step.clamp(0, anneal_steps).to(torch.float64) / anneal_steps
     theta = flip_threshold * (flip_threshold_final / flip_threshold) ** frac
     return torch.where(step >= anneal_steps, last, torch.floor((1 << DRAW_BITS) / theta).to(torch.int64))
-
 
 
 # ---------------------------------------------------------------- 4-bit counters (torch)
@@ -430,11 +430,12 @@ _FUSED_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_O": o}, num_warps=w)  # on
 
 
 @autotuned(_FUSED_CONFIGS, key=["N", "K", "GS"], reset_to_zero=["count_ptr", "exp_count_ptr"])
-@triton.jit(do_not_specialize=["N", "KB", "KT", "G", "TH", "THE", "SEED_HI", "SEED_LO"])  # K's divisibility sets
-def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr, e_accum_ptr,  # the vector width
-                  new_packed_ptr, new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr, exp_count_ptr, N, K, KB,
-                  KT, G, TH, THE, SEED_HI, SEED_LO, GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, STOCHASTIC: tl.constexpr,
-                  NIBBLES: tl.constexpr):
+# K is specialized: its divisibility sets the vector width
+@triton.jit(do_not_specialize=["N", "KB", "KT", "G", "TH", "THE", "SEED_HI", "SEED_LO"])
+def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr, e_accum_ptr, new_packed_ptr,
+                  new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr, exp_count_ptr, N, K, KB, KT, G, TH, THE,
+                  SEED_HI, SEED_LO, GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+                  STOCHASTIC: tl.constexpr, NIBBLES: tl.constexpr):
     """Both rules in one pass over a [BLOCK_R rows, BLOCK_O octets, 8 columns] tile (GS a power of two from 8
     to 8 * BLOCK_O, so the tile holds whole groups): a thread's octet of gradients and counters loads and
     stores as vectors, its old trits come from :func:`kernels._triton.octet_value` (digits by per-register
@@ -547,8 +548,8 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
         zero = torch.zeros((), dtype=torch.int64, device=packed.device)
         return new_packed, new_exp, new_t_accum, new_e_accum, zero, zero.clone()
     if fuses(group_size):
-        return _launch_fused(packed, exp, t_accum, e_accum, grad, stream, k, group_size, flip_threshold, exp_threshold,
-                             counter_bits, new_t_accum, new_exp, new_e_accum)
+        return _launch_fused(packed, exp, t_accum, e_accum, grad, stream, k, group_size, flip_threshold,
+                             exp_threshold, counter_bits, new_t_accum, new_exp, new_e_accum)
     gs_p2 = triton.next_power_of_2(group_size)
     block_q = min(_EXP_TILE // gs_p2, triton.next_power_of_2(n * g))
     exp_counts = torch.empty(cdiv(n * g, block_q), dtype=torch.int32, device=packed.device)

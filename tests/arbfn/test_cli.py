@@ -61,6 +61,24 @@ def test_train_stochastic_flip_mode_keeps_no_counters(tmp_path, run, capsys):
     assert "--flip-mode stochastic differs from the checkpoint's 'counter'" in capsys.readouterr().err
 
 
+def test_train_anneals_the_flip_threshold_and_resumes_with_its_schedule(tmp_path, capsys):
+    """--flip-threshold-final anneals over the run's steps and is saved with the run; a resumed run keeps the
+    schedule, and changing its end needs --anneal-steps (the schedule counts steps from the run's first)."""
+    out = tmp_path / "anneal"
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--flip-mode", "stochastic", "--flip-threshold", "8",
+                 "--flip-threshold-final", "300", "--out", str(out), "--quiet"]) == 0
+    _, cfg = checkpoint.load_run(out / "checkpoint.safetensors")
+    assert (cfg.update.flip_threshold, cfg.update.flip_threshold_final, cfg.update.anneal_steps) == (8, 300, 2)
+    ckpt = str(out / "checkpoint.safetensors")
+    assert main(["train", "--resume", ckpt, "--steps", "1", "--flip-threshold-final", "600", "--out",
+                 str(tmp_path / "x"), "--quiet"]) != 0
+    assert "needs --anneal-steps" in capsys.readouterr().err
+    assert main(["train", "--resume", ckpt, "--steps", "1", "--flip-threshold-final", "600", "--anneal-steps", "9",
+                 "--out", str(tmp_path / "y"), "--quiet"]) == 0
+    state, cfg = checkpoint.load_run(tmp_path / "y" / "checkpoint.safetensors")
+    assert int(state.step) == 3 and (cfg.update.flip_threshold_final, cfg.update.anneal_steps) == (600, 9)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without a GPU gives")
 def test_train_step_kinds_refuse_what_they_cannot_run(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--steps", "1", "--step", "cuda-graph", "--device", "cpu",

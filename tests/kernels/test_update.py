@@ -13,7 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels.packing import n_groups, pack_reference, packed_width, unpack_reference, validate_packed
+from kernels.packing import n_groups, pack_reference, unpack_reference, validate_packed
 from kernels.update import (draws, flip_cutoff, pack_nibbles, step_key, stream_seed, ternary_update,
                             ternary_update_nibble, ternary_update_reference, ternary_update_stochastic,
                             ternary_update_stochastic_reference, ternary_update_stochastic_triton,
