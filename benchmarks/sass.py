@@ -52,10 +52,24 @@ class Case:
     loop: bool = False
 
 
+def jit_function(case: Case) -> triton.runtime.JITFunction:
+    """The case's kernel, under its autotuner if it has one."""
+    return case.fn if isinstance(case.fn, triton.runtime.JITFunction) else case.fn.fn
+
+
+def check_signature(case: Case) -> None:
+    """Raise ValueError unless the case names exactly the kernel's arguments, in order (a kernel whose
+    arguments changed must not be compiled against a stale signature)."""
+    names = [*case.signature, *case.constexprs]
+    if names != jit_function(case).arg_names:
+        raise ValueError(f"{case.name}: the signature lists {names}, the kernel takes {jit_function(case).arg_names}")
+
+
 def compile_cubin(case: Case, arch: int) -> bytes:
     """The kernel compiled for ``sm_<arch>`` (a cubin)."""
+    check_signature(case)
     signature = {**case.signature, **{k: "constexpr" for k in case.constexprs}}
-    fn = case.fn if isinstance(case.fn, triton.runtime.JITFunction) else case.fn.fn  # an autotuner wraps its kernel
+    fn = jit_function(case)
     fixed = {fn.arg_names.index(a) if isinstance(a, str) else a for a in fn.do_not_specialize}  # a launch never
     attrs = {(i,): [["tt.divisibility", 16]] for i in case.divisible if i not in fixed}  # specialises these
     src = ASTSource(fn, signature=signature, constexprs=case.constexprs, attrs=attrs)
@@ -95,9 +109,10 @@ def instructions(sass: str, loop: bool) -> list[tuple[int, str]]:
 
 def cases() -> list[Case]:
     """The hot kernels at the configs the tuner picked on the H200 (RESULTS.md)."""
-    flip = {"packed_ptr": "*u8", "t_accum_ptr": "*i8", "grad_ptr": "*fp32", "key_ptr": "*i64", "new_packed_ptr": "*u8",
+    stream = {"step_ptr": "*i64", "cut_ptr": "*i64"}
+    flip = {"packed_ptr": "*u8", "t_accum_ptr": "*i8", "grad_ptr": "*fp32", **stream, "new_packed_ptr": "*u8",
             "new_t_accum_ptr": "*i8", "count_ptr": "*i32", "NQ": "i32", "K": "i32", "KB": "i32", "KT": "i32",
-            "QB": "i32", "TH": "i32"}
+            "QB": "i32", "TH": "i32", "SEED_HI": "i32", "SEED_LO": "i32"}
     exp = {"packed_ptr": "*u8", "exp_ptr": "*i8", "e_accum_ptr": "*i8", "grad_ptr": "*fp32", "new_exp_ptr": "*i8",
            "new_e_accum_ptr": "*i8", "count_ptr": "*i32", "NG": "i32", "K": "i32", "KB": "i32", "G": "i32",
            "THE": "i32"}
@@ -127,15 +142,15 @@ def cases() -> list[Case]:
     for mode in ("counter", "stochastic", "nibble"):
         out.append(Case(f"flip ({mode})", update._flip_kernel, flip,
                         {"BLOCK_S": 128, "STOCHASTIC": mode == "stochastic", "NIBBLES": mode == "nibble"},
-                        (0, 1, 2, 3, 4, 5, 6, 8), 4, 128 * 10 / 128, "weight"))
-    fused = {"packed_ptr": "*u8", "t_accum_ptr": "*i8", "grad_ptr": "*fp32", "key_ptr": "*i64", "exp_ptr": "*i8",
+                        tuple(range(8)) + (9,), 4, 128 * 10 / 128, "weight"))
+    fused = {"packed_ptr": "*u8", "t_accum_ptr": "*i8", "grad_ptr": "*fp32", **stream, "exp_ptr": "*i8",
              "e_accum_ptr": "*i8", "new_packed_ptr": "*u8", "new_t_accum_ptr": "*i8", "new_exp_ptr": "*i8",
              "new_e_accum_ptr": "*i8", "count_ptr": "*i32", "exp_count_ptr": "*i32", "N": "i32", "K": "i32",
-             "KB": "i32", "KT": "i32", "G": "i32", "TH": "i32", "THE": "i32"}
+             "KB": "i32", "KT": "i32", "G": "i32", "TH": "i32", "THE": "i32", "SEED_HI": "i32", "SEED_LO": "i32"}
     for mode in ("counter", "stochastic", "nibble"):  # the whole update in one kernel (group sizes 8-64)
         out.append(Case(f"fused update ({mode})", update._fused_kernel, fused,
                         {"GS": gs, "BLOCK_R": 1, "BLOCK_O": 128, "STOCHASTIC": mode == "stochastic",
-                         "NIBBLES": mode == "nibble"}, tuple(range(12)) + (13,), 4, 128 * 8 / 128, "weight"))
+                         "NIBBLES": mode == "nibble"}, tuple(range(13)) + (14,), 4, 128 * 8 / 128, "weight"))
     out.append(Case("exponent", update._exp_update_kernel, exp, {"GS": gs, "GS_P2": gs, "BLOCK_Q": 128},
                     (0, 1, 2, 3, 4, 5, 6, 8), 4, 128 * gs / 128, "weight"))
     return out

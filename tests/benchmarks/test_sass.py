@@ -24,6 +24,16 @@ def test_counts_the_decode_kernels_instructions():
     assert "flip" not in proc.stdout  # --kernels selects
 
 
+def test_every_case_names_its_kernels_arguments():
+    """Each case's signature and constexprs are its kernel's arguments in order (checked without compiling)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from benchmarks.sass import cases, check_signature\nfor c in cases():\n    check_signature(c)\nprint(len(cases()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) >= 10
+
+
 def test_refuses_to_run_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.sass"], cwd=ROOT, env=env, capture_output=True,
