@@ -429,7 +429,6 @@ def test_apply_update_draws_one_stream_per_tensor_and_step():
 def test_apply_update_anneals_theta_with_the_state_step():
     """With a θ schedule, step 0 flips as a constant θ_0 and every step from the anneal's end as a constant θ_1;
     between them the flip count falls as θ rises."""
-    import dataclasses
     from arbfn.config import ModelConfig, UpdateConfig
     from arbfn.model import State
     from arbfn.train import apply_update
@@ -444,6 +443,19 @@ def test_apply_update_anneals_theta_with_the_state_step():
         assert torch.equal(got[0].params["a"].packed, want[0].params["a"].packed) and int(got[1]["flips"]) > 0
     flips = [int(at(step, anneal)[1]["flips"]) for step in (0, 5, 10)]
     assert flips[0] > flips[1] > flips[2]
+
+
+def test_a_run_config_from_before_the_flip_schedule_loads_with_a_constant_threshold():
+    import json
+
+    from arbfn.config import Config, UpdateConfig, preset
+
+    cfg = dataclasses.replace(preset("tiny"), update=UpdateConfig(flip_mode="stochastic", flip_threshold=64))
+    old = json.loads(cfg.to_json())
+    for field in ("flip_threshold_final", "anneal_steps"):  # a checkpoint written before these fields existed
+        del old["update"][field]
+    back = Config.from_json(json.dumps(old))
+    assert back == cfg and (back.update.flip_threshold_final, back.update.anneal_steps) == (0, 0)
 
 
 @pytest.mark.parametrize("bad", [dict(flip_mode="counters"), dict(flip_mode=""), dict(seed=-1), dict(seed=2**32),
