@@ -235,7 +235,8 @@ def _add_update_flags(p: argparse.ArgumentParser) -> None:
                    help="net votes per trit move (default: the preset's, 16; stochastic flips: 1/θ per vote, θ up to "
                         "2**24)")
     p.add_argument("--flip-threshold-final", type=int,
-                   help="stochastic flips: anneal θ geometrically from --flip-threshold to this (default: constant θ)")
+                   help="stochastic flips: anneal θ geometrically from --flip-threshold to this (default: constant "
+                        "θ)")
     p.add_argument("--anneal-steps", type=int,
                    help="steps over which θ anneals to --flip-threshold-final (default: the run's --steps)")
     p.add_argument("--exp-threshold", type=int,

@@ -170,9 +170,9 @@ class UpdateConfig:
       mode learns better (tiny byte path, held-out bits/byte at 200 steps: 3.45 vs 4.29 for stochastic θ 64 with
       exp θ 127, 3.82 vs 4.34 with exp θ 32; benchmarks/RESULTS.md), so it stays the default.
     flip_threshold: net votes per trit move (1..127; at most 7 with 4-bit counters; up to 2**24 for stochastic
-      flips, which move a trit on a vote with probability 1/θ and need no counter to hold θ). 16 with dithered counters
-      learned best on the tiny byte path (200 steps, held-out bits/byte vs the float twin: θ 8 1.17×, 12 1.18×,
-      16 1.14×, 24 1.17×; benchmarks/RESULTS.md).
+      flips, which move a trit on a vote with probability 1/θ and need no counter to hold θ). 16 with dithered
+      counters learned best on the tiny byte path (200 steps, held-out bits/byte vs the float twin: θ 8 1.17×,
+      12 1.18×, 16 1.14×, 24 1.17×; benchmarks/RESULTS.md).
     exp_threshold: votes before a group's log2 scale moves by one (1..127). A move doubles or halves
       a whole group, so it needs far more evidence than a flip: at the original's 4 the tiny model's loss
       blew up within 50 steps (6.1 -> 240 nats). At 32 (the old default) tiny trained smoothly, but the small
