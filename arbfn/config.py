@@ -197,7 +197,7 @@ class UpdateConfig:
       that noise floor as the run goes on (kernels/update.py ``flip_cutoff``). Held-out bits/byte against the
       float twin (benchmarks/RESULTS.md, 2026-12-01): small byte path, 1000 steps, θ 64 -> 2048: 1.00x (θ 64
       constant: 1.22x; int8 counters 0.81x); d256, 400 steps: 1.25x (1.39x; counters 1.01x); tiny, 200 steps:
-      1.30-1.35x for every schedule tried (1.35x; counters 1.09x).
+      1.30-1.42x for every schedule tried (1.35x; counters 1.09x).
     dither: counter mode only: a fresh state's flip counters start uniform in [-(θ-1), θ-1] (drawn from the
       init generator) instead of 0. From zeros, every weight whose gradient sign holds for θ steps flips at
       step θ at once (1.6M trits of the small model at step 8, which blew up its multimodal losses); dithered
