@@ -304,6 +304,18 @@ def _sign_of(grad_ptr, offs, mask):
 
 
 @triton.jit
+def _octet_signs(grad_ptr, base, row_ok, octets, K, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    """int32 signs [BLOCK_R, BLOCK_O, 8] of the gradients at ``base + j`` (column 8 * octet + j < K), each thread
+    holding whole octets: two [.., 4] loads (128 bits each) joined in registers."""
+    i = tl.arange(0, 4)[None, None, :]
+    lo_cols = octets[None, :, None] * 8 + i
+    lo = tl.load(grad_ptr + base + i, mask=row_ok & (lo_cols < K), other=0.0).to(tl.float32)
+    hi = tl.load(grad_ptr + base + 4 + i, mask=row_ok & (lo_cols + 4 < K), other=0.0).to(tl.float32)
+    g = tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (BLOCK_R, BLOCK_O, 8))
+    return (g > 0.0).to(tl.int32) - (g < 0.0).to(tl.int32)
+
+
+@triton.jit
 def _mix32u(x):
     """:func:`mix32` in uint32 arithmetic: products wrap mod 2**32 as the torch form's masks do."""
     x = x ^ (x >> 16)
@@ -456,7 +468,13 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
     offs = rn[:, None, None] * K + cols
     vf = octet_value(packed_ptr, rn, octets, row_ok[:, None] & (octets * 8 < K)[None, :], KB)[:, :, None]
     t = (floor_div_pow3_wide(vf, j) - floor_div_pow3_wide(vf, j + 1) * 3.0).to(tl.int32) - 1
-    s = _sign_of(grad_ptr, offs, mask)
+    # without the int8 counters' 8-wide load to anchor an octet per thread, fp32 gradients load 4 per thread (128
+    # bits) and split each octet over two threads: load them as two 4-column halves joined in registers
+    if STOCHASTIC or NIBBLES:
+        s = _octet_signs(grad_ptr, rn[:, None, None] * K + octets[None, :, None] * 8, row_ok[:, None, None], octets, K,
+                         BLOCK_R, BLOCK_O)
+    else:
+        s = _sign_of(grad_ptr, offs, mask)
     # exponent rule, per group of the tile, on the old trits
     # octet sums first, then groups of octets: summing a [BLOCK_R, NGB, GS] reshape of the tile gave wrong
     # scores on sm_90 with BLOCK_R = 2 (triton 3.6), right ones in the interpreter
@@ -474,8 +492,10 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
         down = (go & (s > 0) & (t > -1)).to(tl.int32)
     else:
         if NIBBLES:  # counter byte c // 2 of the row: column c in the low nibble for even c, the high for odd
-            pair = tl.load(t_accum_ptr + rn[:, None, None] * KT + cols // 2, mask=mask, other=0).to(tl.int32)
-            nib = (pair >> (4 * (j % 2))) & 15
+            hcol = octets[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # the octet's four counter bytes
+            pair = tl.load(t_accum_ptr + rn[:, None, None] * KT + hcol, mask=row_ok[:, None, None] & (hcol < KT),
+                           other=0).to(tl.int32)
+            nib = tl.reshape(tl.join(pair & 15, pair >> 4), (BLOCK_R, BLOCK_O, 8))
             a = tl.where(mask, nib - ((nib >> 3) << 4), 0) - s
         else:
             a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
@@ -486,7 +506,6 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
         if NIBBLES:  # an octet's four counter bytes; a padding column's a is 0, so its nibble is written 0
             a4 = tl.reshape(a & 15, (BLOCK_R, BLOCK_O, 4, 2))
             pairs = tl.sum(a4 << (4 * tl.arange(0, 2)[None, None, None, :]), axis=3)
-            hcol = octets[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
             tl.store(new_t_accum_ptr + rn[:, None, None] * KT + hcol, pairs.to(tl.uint8),
                      mask=row_ok[:, None, None] & (hcol < KT))
         else:
