@@ -5,7 +5,7 @@ the whole step compiled and (CUDA) replayed as a CUDA graph, then the kernels th
 
     python -m benchmarks.profile_step [--device cuda] [--preset small] [--batch 16] [--context 256]
                                       [--rows 25] [--matmul-precision highest|high]
-                                      [--compute-dtype float32|bfloat16]
+                                      [--compute-dtype float32|bfloat16] [--layout stochastic|annealed|nibble]
 
 The phase times are host medians with a sync after each phase, so they add launch gaps that the whole step
 may overlap; the profiler tables list device time per kernel name over ``--steps`` profiled steps.
@@ -25,7 +25,7 @@ from arbfn.config import Config
 from arbfn.graphed import GraphedTrainStep
 from arbfn.train import apply_update
 from benchmarks._timing import describe, format_table, sync_ms
-from benchmarks.train_step import add_step_arguments, step_setup, ternary_state, twin_step
+from benchmarks.train_step import LAYOUTS, add_step_arguments, step_setup, ternary_state, twin_step, with_layout
 
 
 def phase_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> tuple[list[list], Callable[[], None]]:
@@ -81,15 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     add_step_arguments(ap)
     ap.add_argument("--steps", type=int, default=3, help="profiled steps per table")
     ap.add_argument("--rows", type=int, default=25, help="kernel names per table")
+    ap.add_argument("--layout", choices=tuple(LAYOUTS), help="the update rule's state layout (default: int8 counters)")
     args = ap.parse_args(argv)
     cfg, ids, device = step_setup(args)
-    cfg = byte_path_config(cfg)
+    cfg = byte_path_config(with_layout(cfg, args.layout) if args.layout else cfg)
     rows, whole = phase_rows(cfg, ids, device)
     twin_kind = "CUDA graph" if device.type == "cuda" else "compiled"
     twin, _ = twin_step(cfg, ids, device, twin_kind)
     rows.append([f"float twin step (bf16 autocast + AdamW, {twin_kind})", sync_ms(twin, device, warmup=2, reps=8)])
     print(f"device: {describe(device)}; preset {args.preset} byte path; batch [{args.batch}, {args.context}]; "
-          f"fp32 matmul precision {args.matmul_precision}; ternary activations {args.compute_dtype}")
+          f"fp32 matmul precision {args.matmul_precision}; ternary activations {args.compute_dtype}; "
+          f"update layout {args.layout or 'int8 counters'}")
     print(format_table(["phase", "ms"], rows))
     print(f"\nternary step ({rows[-2][0]}): kernels by self device time over", args.steps, "steps")
     print(kernel_table(whole, device, args.steps, args.rows))

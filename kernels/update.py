@@ -103,10 +103,8 @@ def check_update_args(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Te
     accumulator and take a cutoff tensor instead of a threshold; otherwise ``t_accum`` must have the layout of
     ``counter_bits`` and the flip threshold must fit in its counter."""
     check_counter_bits(counter_bits)
-    checked = [("exp_threshold", exp_threshold)] + ([] if flip_threshold is None else [("flip_threshold",
-                                                                                        flip_threshold)])
-    for name, th in checked:
-        if not 1 <= th <= MAX_THRESHOLD:
+    for name, th in (("flip_threshold", flip_threshold), ("exp_threshold", exp_threshold)):
+        if th is not None and not 1 <= th <= MAX_THRESHOLD:
             raise ValueError(f"{name} must be in 1..{MAX_THRESHOLD}, got {th}")
     if t_accum is not None and flip_threshold > COUNTER_LIMITS[counter_bits]:
         raise ValueError(f"flip_threshold must be at most {COUNTER_LIMITS[counter_bits]} for {counter_bits}-bit "

@@ -139,13 +139,14 @@ def test_every_flip_config_matches_reference(kernel_device, mode, n, k):
         t_acc, stream = t_acc.to(kernel_device), None
     kb, qb = packed_width(k), cdiv(packed_width(k), 2)
     kt = t_acc.shape[1] if t_acc is not None else k
+    step_arg, cut_arg, seed_hi, seed_lo = update._stream_args(stream)
     for config in update._flip_kernel.configs:
         new_packed = torch.full_like(packed, 255, device=kernel_device)
         new_t = None if t_acc is None else torch.full_like(t_acc, 99)
         counts = torch.zeros(cdiv(n * qb, config.kwargs["BLOCK_S"]), dtype=torch.int32, device=kernel_device)
         launch(update._flip_kernel, config, lambda m: (cdiv(n * qb, m["BLOCK_S"]),), packed.to(kernel_device), t_acc,
-               grad.to(kernel_device), *update._stream_args(stream)[:2], new_packed, new_t, counts, n * qb, k, kb, kt,
-               qb, th, *update._stream_args(stream)[2:], STOCHASTIC=mode == "stochastic", NIBBLES=mode == "nibble")
+               grad.to(kernel_device), step_arg, cut_arg, new_packed, new_t, counts, n * qb, k, kb, kt, qb, th, seed_hi,
+               seed_lo, STOCHASTIC=mode == "stochastic", NIBBLES=mode == "nibble")
         assert torch.equal(new_packed.cpu(), ref_packed), config
         assert new_t is None or torch.equal(new_t.cpu(), ref_t), config
         assert int(counts.sum()) == int(ref_flips), config
