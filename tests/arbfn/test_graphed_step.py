@@ -71,20 +71,24 @@ def test_graphed_step_keeps_earlier_states_and_recaptures_new_shapes():
     assert graphed.captured == 2
 
 
-def test_flat_bytes_round_trips_every_dtype_and_shape():
-    """The graph's flat input/output layout: every tensor back bit for bit, each slice aligned for its dtype."""
-    from arbfn.graphed import FlatBytes
+def test_flat_tensors_round_trip_every_dtype_and_shape():
+    """The graph's flat input/output layout: every tensor back bit for bit, as views of one buffer per dtype."""
+    from arbfn.graphed import FlatTensors
 
     tensors = [torch.tensor(7, dtype=torch.int64), torch.randint(0, 255, (3, 5), dtype=torch.uint8),
                torch.randn(4, 6).t(), torch.tensor([True, False, True]), torch.zeros(0, 3, dtype=torch.int16),
-               torch.randint(-128, 127, (2, 3, 2), dtype=torch.int8), torch.randn(5, dtype=torch.float64)]
-    layout = FlatBytes(tensors)
-    flat = layout.gather(tensors)
-    assert flat.dtype == torch.uint8 and flat.numel() == sum(t.numel() * t.element_size() for t in tensors)
-    back = layout.views(flat)
-    assert all(b.dtype == t.dtype and torch.equal(b, t) for b, t in zip(back, tensors))
+               torch.randint(-128, 127, (2, 3, 2), dtype=torch.int8), torch.randn(5, dtype=torch.float64),
+               torch.randint(0, 255, (7,), dtype=torch.uint8), torch.tensor(-3, dtype=torch.int64)]
+    layout = FlatTensors(tensors)
+    flats = layout.gather(tensors)
+    assert [f.dtype for f in flats] == list(dict.fromkeys(t.dtype for t in tensors))  # one buffer per dtype
+    assert sum(f.numel() for f in flats) == sum(t.numel() for t in tensors)
+    back = layout.views(flats)
+    assert all(b.dtype == t.dtype and b.shape == t.shape and torch.equal(b, t) for b, t in zip(back, tensors))
     moved = [t + 1 if t.dtype != torch.bool else ~t for t in tensors]
-    layout.gather(moved, out=flat)  # in place, as each call writes the graph's inputs
+    assert layout.gather(moved, out=flats) is flats  # in place, as each call writes the graph's inputs
     assert all(torch.equal(b, m) for b, m in zip(back, moved))
     with pytest.raises(ValueError, match="differ from the layout"):
         layout.gather(tensors[:-1] + [torch.zeros(5, dtype=torch.float32)])
+    with pytest.raises(ValueError, match="differ from the layout"):
+        layout.gather(tensors[:1] + [tensors[1].reshape(5, 3)] + tensors[2:])  # same bytes, another shape
