@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from kernels import embedding as embedding_ops
 from kernels import linear as linear_ops
 from kernels import update as update_ops
+from kernels import update_group as update_group_ops
 from kernels.packing import (check_group_size, decode_reference, n_groups, pack_reference, packed_width,
                              validate_packed)
 
@@ -193,37 +194,62 @@ def attach_probes(tree: Any, probes: Any) -> Any:
                            tree, probes, is_leaf=is_ternary)
 
 
+def update_weights(ws: list[TernaryWeight], grads: list[torch.Tensor | None], flip_threshold: int,
+                   exp_threshold: int, step: torch.Tensor | None = None, seed: int = 0, counter_bits: int = 8,
+                   cutoff: torch.Tensor | None = None, first_index: int = 0
+                   ) -> tuple[list[TernaryWeight], torch.Tensor, torch.Tensor]:
+    """One sign-vote update of every weight of ``ws`` from its ``dL/dW`` in ``grads`` (None, or an untrainable
+    weight: kept as is), as one ``arbfn::ternary_update_group`` (kernels/update_group.py): returns (new weights,
+    trits flipped, exponents moved), the new tensors views into the op's flat buffers.
+
+    Without ``step``: counter flips (each weight needs ``t_accum`` of ``counter_bits``: 8, or 4 packed). With
+    ``step`` (the state's int64 step counter): stochastic flips, ``ws[i]`` drawing from the stream of (run ``seed``,
+    weight number ``first_index + i``), each vote moving its trit where its draw falls below ``cutoff``
+    (``update_ops.flip_cutoff`` of the step: a θ schedule; default the constant ``flip_threshold``); the new
+    weights have no t_accum (a counter a weight had is dropped: this rule never reads it).
+    """
+    if len(grads) != len(ws):
+        raise ValueError(f"update_weights needs one gradient (or None) per weight: {len(ws)} weights, "
+                         f"{len(grads)} gradients")
+    live = [i for i, (w, g) in enumerate(zip(ws, grads)) if g is not None and w.trainable]
+    device = ws[0].packed.device if ws else (step.device if step is not None else None)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    if not live:
+        return list(ws), zero, zero.clone()
+    stochastic = step is not None
+    if stochastic and cutoff is None:
+        cutoff = update_ops.flip_cutoff(step, flip_threshold)
+    for i in live if not stochastic else ():
+        if ws[i].t_accum is None:
+            raise ValueError("counter flips need t_accum; this weight has none (laid out for stochastic flips: "
+                             "set_flip_counters(tree, True) adds zero counters)")
+        if flip_counter_bits(ws[i]) != counter_bits:
+            raise ValueError(f"this weight's flip counters are {flip_counter_bits(ws[i])}-bit ({ws[i].t_accum.dtype}), "
+                             f"the update asks for {counter_bits}-bit: a state's counter width belongs to its run")
+    sel = [ws[i] for i in live]
+    packed, exp, e_accum = [w.packed for w in sel], [w.exp for w in sel], [w.e_accum for w in sel]
+    t_accum = [] if stochastic else [w.t_accum for w in sel]
+    seeds = [update_ops.stream_seed(seed, first_index + i) for i in live] if stochastic else []
+    flat_packed, flat_exp, flat_t, flat_e, flips, moves = update_group_ops.ternary_update_group(
+        packed, exp, t_accum, e_accum, [grads[i] for i in live], step, cutoff, [w.in_features for w in sel],
+        [w.group_size for w in sel], 0 if stochastic else flip_threshold, exp_threshold, counter_bits, seeds)
+    new_t = update_group_ops.unflatten(flat_t, t_accum) if t_accum else [None] * len(sel)
+    out = list(ws)
+    for i, w, p, e, t, a in zip(live, sel, update_group_ops.unflatten(flat_packed, packed),
+                                update_group_ops.unflatten(flat_exp, exp), new_t,
+                                update_group_ops.unflatten(flat_e, e_accum)):
+        out[i] = TernaryWeight(p, e, t, a, w.in_features, w.group_size)
+    return out, flips, moves
+
+
 def update_weight(w: TernaryWeight, grad: torch.Tensor | None, flip_threshold: int, exp_threshold: int,
                   step: torch.Tensor | None = None, seed: int = 0, index: int = 0, counter_bits: int = 8,
                   cutoff: torch.Tensor | None = None) -> tuple[TernaryWeight, torch.Tensor, torch.Tensor]:
-    """One sign-vote update of ``w`` from ``dL/dW``; returns (new weight, trits flipped, exponents moved).
-
-    Without ``step``: counter flips (``w`` needs ``t_accum`` of ``counter_bits``: 8, or 4 packed). With ``step``
-    (the state's int64 step counter): stochastic flips drawn from the stream of (run ``seed``, tensor number
-    ``index``), each vote moving its trit where its draw falls below ``cutoff`` (``update_ops.flip_cutoff`` of the
-    step: a θ schedule; default the constant ``flip_threshold``); the new weight has no t_accum (a counter it had
-    is dropped: this rule never reads it).
-    """
-    zero = torch.zeros((), dtype=torch.int64, device=w.packed.device)
-    if grad is None or not w.trainable:
-        return w, zero, zero
-    k, gs = w.in_features, w.group_size
-    if step is not None:
-        if cutoff is None:
-            cutoff = update_ops.flip_cutoff(step, flip_threshold)
-        packed, exp, e_acc, flips, moves = update_ops.ternary_update_stochastic(
-            w.packed, w.exp, w.e_accum, grad, step, cutoff, k, gs, exp_threshold, update_ops.stream_seed(seed, index))
-        return TernaryWeight(packed, exp, None, e_acc, k, gs), flips, moves
-    if w.t_accum is None:
-        raise ValueError("counter flips need t_accum; this weight has none (laid out for stochastic flips: "
-                         "set_flip_counters(tree, True) adds zero counters)")
-    if flip_counter_bits(w) != counter_bits:
-        raise ValueError(f"this weight's flip counters are {flip_counter_bits(w)}-bit ({w.t_accum.dtype}), the update "
-                         f"asks for {counter_bits}-bit: a state's counter width belongs to its run")
-    op = update_ops.ternary_update_nibble if counter_bits == 4 else update_ops.ternary_update
-    packed, exp, t_acc, e_acc, flips, moves = op(w.packed, w.exp, w.t_accum, w.e_accum, grad, k, gs, flip_threshold,
-                                                 exp_threshold)
-    return TernaryWeight(packed, exp, t_acc, e_acc, k, gs), flips, moves
+    """:func:`update_weights` of the one weight ``w``, drawing (stochastic flips) from the stream of weight number
+    ``index`` of a run: returns (new weight, trits flipped, exponents moved)."""
+    new, flips, moves = update_weights([w], [grad], flip_threshold, exp_threshold, step, seed, counter_bits, cutoff,
+                                       first_index=index)
+    return new[0], flips, moves
 
 
 def dither_flip_counters(tree: Any, flip_threshold: int, generator: torch.Generator) -> Any:

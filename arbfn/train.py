@@ -23,7 +23,7 @@ from arbfn import data as data_mod
 from arbfn.config import Config, TrainConfig, UpdateConfig
 from arbfn.model import State, apply_model, update_counters
 from arbfn.objective import as_batch, byte_loss, objective
-from arbfn.ternary import attach_probes, is_ternary, make_probes, update_weight
+from arbfn.ternary import attach_probes, is_ternary, make_probes, update_weights
 from kernels.update import flip_cutoff
 
 
@@ -61,23 +61,18 @@ def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State,
 
     Stochastic flips (``update.flip_mode``) draw from (update.seed, the state's step, the weight's number in
     pytree order), so the update stays a function of its inputs; their θ follows the config's schedule."""
-    counts = {"flips": [], "exp_moves": []}
     step = state.step if update.flip_mode == "stochastic" else None
     cutoff = None if step is None else flip_cutoff(step, update.flip_threshold, update.flip_threshold_final,
                                                    update.anneal_steps)  # once per step, shared by every weight
-
-    def upd(w, g):
-        if not is_ternary(w):
-            return w
-        new, flips, moves = update_weight(w, g, update.flip_threshold, update.exp_threshold, step, update.seed,
-                                          len(counts["flips"]), update.counter_bits, cutoff)
-        counts["flips"].append(flips)
-        counts["exp_moves"].append(moves)
-        return new
-
-    params = pytree.tree_map(upd, state.params, grads, is_leaf=is_ternary)
-    stats = {k: torch.stack(v).sum() for k, v in counts.items()}
-    return State(params, state.step + 1, state.config), stats
+    leaves, spec = pytree.tree_flatten(state.params, is_leaf=is_ternary)
+    grad_leaves = spec.flatten_up_to(grads)
+    at = [i for i, w in enumerate(leaves) if is_ternary(w)]  # weight number j of the run is leaf at[j]
+    new, flips, moves = update_weights([leaves[i] for i in at], [grad_leaves[i] for i in at], update.flip_threshold,
+                                       update.exp_threshold, step, update.seed, update.counter_bits, cutoff)
+    for i, w in zip(at, new):
+        leaves[i] = w
+    params = pytree.tree_unflatten(leaves, spec)
+    return State(params, state.step + 1, state.config), {"flips": flips, "exp_moves": moves}
 
 
 def train_step(state: State, batch: torch.Tensor, cfg: Config) -> tuple[State, dict[str, torch.Tensor]]:

@@ -552,11 +552,12 @@ def _stream_args(stream: Stream | None) -> tuple:
     return step, cutoff, seed >> 16, seed & 0xFFFF
 
 
-def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
-            grad: torch.Tensor, stream: Stream | None, k: int, group_size: int, flip_threshold: int,
-            exp_threshold: int, counter_bits: int = 8) -> Outputs:
-    """Both kernels on contiguous, checked inputs; ``stream`` selects stochastic flips (t_accum' is then None,
-    ``flip_threshold`` unused), else counter flips on ``counter_bits``-bit counters."""
+def launch_update(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
+                  grad: torch.Tensor, stream: Stream | None, k: int, group_size: int, flip_threshold: int,
+                  exp_threshold: int, counter_bits: int = 8) -> Outputs:
+    """The update's kernels (fused, or exponent and flip) on contiguous, checked inputs; ``stream`` selects
+    stochastic flips (t_accum' is then None, ``flip_threshold`` unused), else counter flips on ``counter_bits``-bit
+    counters."""
     n, kb, g = packed.shape[0], packed_width(k), n_groups(k, group_size)
     new_packed = packed.new_empty(packed.shape)
     new_t_accum = None if t_accum is None else t_accum.new_empty(t_accum.shape)
@@ -585,25 +586,46 @@ def _launch(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | Non
             flip_counts.sum(dtype=torch.int64), exp_counts.sum(dtype=torch.int64))
 
 
-def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
-                  grad: torch.Tensor, stream: Stream | None, k: int, group_size: int, flip_threshold: int,
-                  exp_threshold: int, counter_bits: int, new_t_accum: torch.Tensor | None, new_exp: torch.Tensor,
-                  new_e_accum: torch.Tensor) -> Outputs:
-    """The fused kernel: the new packed bytes start as a copy of the old at a 4-byte aligned place in a buffer
-    with room for the atomic adds' last aligned word, and take each flip's byte delta."""
-    n, kb, g = packed.shape[0], packed_width(k), n_groups(k, group_size)
+def fused_tiles(n: int, k: int) -> int:
+    """Count slots the fused kernel writes for an [n, k] weight: one per program of the config with the most."""
+    return max(cdiv(n, c.kwargs["BLOCK_R"]) * cdiv(cdiv(k, 8), c.kwargs["BLOCK_O"]) for c in _FUSED_CONFIGS)
+
+
+def aligned_copy(packed: torch.Tensor) -> torch.Tensor:
+    """A copy of ``packed`` at a 4-byte aligned address with room after it for the fused kernel's last word."""
     buf = torch.empty(packed.numel() + 8, dtype=torch.uint8, device=packed.device)
     start = -buf.data_ptr() % 4
     new_packed = buf[start:start + packed.numel()].view(packed.shape)
     new_packed.copy_(packed)
+    return new_packed
+
+
+def launch_fused_into(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
+                      grad: torch.Tensor, stream: Stream | None, k: int, group_size: int, flip_threshold: int,
+                      exp_threshold: int, counter_bits: int, new_packed: torch.Tensor, new_t_accum: torch.Tensor | None,
+                      new_exp: torch.Tensor, new_e_accum: torch.Tensor, counts: torch.Tensor) -> None:
+    """The fused kernel on contiguous, checked inputs (``fuses(group_size)``), writing the given outputs:
+    ``new_packed`` holds a copy of the old bytes at a 4-byte aligned address with 3 bytes of room after it and
+    takes each flip's byte delta; ``counts`` is an int32 [2, >= fused_tiles(n, k)] of zeros that takes each
+    program's flips (row 0) and exponent moves (row 1)."""
+    n, kb, g = packed.shape[0], packed_width(k), n_groups(k, group_size)
     n_octets = cdiv(k, 8)
-    tiles = max(cdiv(n, c.kwargs["BLOCK_R"]) * cdiv(n_octets, c.kwargs["BLOCK_O"]) for c in _FUSED_CONFIGS)
-    counts = torch.zeros((2, tiles), dtype=torch.int32, device=packed.device)
     step, cutoff, seed_hi, seed_lo = _stream_args(stream)
     _fused_kernel[lambda m: (cdiv(n, m["BLOCK_R"]), cdiv(n_octets, m["BLOCK_O"]))](
         packed, t_accum, grad, step, cutoff, exp, e_accum, new_packed, new_t_accum, new_exp, new_e_accum, counts[0],
         counts[1], n, k, kb, counter_layout(k, counter_bits)[1], g, flip_threshold, exp_threshold, seed_hi, seed_lo,
         GS=group_size, STOCHASTIC=stream is not None, NIBBLES=stream is None and counter_bits == 4)
+
+
+def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor | None, e_accum: torch.Tensor,
+                  grad: torch.Tensor, stream: Stream | None, k: int, group_size: int, flip_threshold: int,
+                  exp_threshold: int, counter_bits: int, new_t_accum: torch.Tensor | None, new_exp: torch.Tensor,
+                  new_e_accum: torch.Tensor) -> Outputs:
+    """:func:`launch_fused_into` on a fresh aligned copy of the packed bytes and fresh counts."""
+    new_packed = aligned_copy(packed)
+    counts = torch.zeros((2, fused_tiles(packed.shape[0], k)), dtype=torch.int32, device=packed.device)
+    launch_fused_into(packed, exp, t_accum, e_accum, grad, stream, k, group_size, flip_threshold, exp_threshold,
+                      counter_bits, new_packed, new_t_accum, new_exp, new_e_accum, counts)
     # two separate sums: views of one tensor would alias the op's outputs
     return (new_packed, new_exp, new_t_accum, new_e_accum, counts[0].sum(dtype=torch.int64),
             counts[1].sum(dtype=torch.int64))
@@ -617,7 +639,7 @@ def ternary_update_triton(packed: torch.Tensor, exp: torch.Tensor, t_accum: torc
     check_update_args(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold, exp_threshold, counter_bits)
     check_launchable(packed, exp, t_accum, e_accum, grad)
     inputs = (x.contiguous() for x in (packed, exp, t_accum, e_accum, grad))
-    return _launch(*inputs, None, k, group_size, flip_threshold, exp_threshold, counter_bits)
+    return launch_update(*inputs, None, k, group_size, flip_threshold, exp_threshold, counter_bits)
 
 
 def ternary_update_stochastic_triton(packed: torch.Tensor, exp: torch.Tensor, e_accum: torch.Tensor,
@@ -628,7 +650,7 @@ def ternary_update_stochastic_triton(packed: torch.Tensor, exp: torch.Tensor, e_
     check_stochastic_args(packed, exp, e_accum, grad, step, cutoff, k, group_size, exp_threshold, seed)
     check_launchable(packed, exp, e_accum, grad, step, cutoff)
     packed, exp, e_accum, grad = (x.contiguous() for x in (packed, exp, e_accum, grad))
-    new_packed, new_exp, _, new_e_accum, flips, moves = _launch(
+    new_packed, new_exp, _, new_e_accum, flips, moves = launch_update(
         packed, exp, None, e_accum, grad, (step, cutoff, seed), k, group_size, 0, exp_threshold)
     return new_packed, new_exp, new_e_accum, flips, moves
 

@@ -24,9 +24,11 @@ from arbfn.ternary import (
     map_weights,
     set_flip_counters,
     update_weight,
+    update_weights,
     validate_weight,
     weights,
 )
+from kernels import update as update_ops
 from kernels.packing import pack_reference, unpack_reference
 from kernels.update import pack_nibbles, unpack_nibbles
 
@@ -394,6 +396,40 @@ def test_stochastic_update_needs_no_counter_and_is_a_function_of_step_seed_and_i
         assert not torch.equal(moved.packed, new.packed), other
     with_counters, *_ = update_weight(init_ternary(n, k, gs, gen(3)), grad, 2, 32, step, seed=7, index=3)
     assert with_counters.t_accum is None and torch.equal(with_counters.packed, new.packed)
+
+
+@pytest.mark.parametrize("stochastic", (False, True))
+def test_update_weights_is_each_weight_updated_alone(stochastic):
+    """The list update (one group op) equals one single-weight update per weight, in both flip modes: weight i
+    draws from stream first_index + i, untrainable weights and missing gradients pass through as they are."""
+    ws = [init_ternary(6, 23, 4, gen(1)), init_ternary(4, 64, 32, gen(2)), init_ternary(5, 10, 8, gen(3)),
+          init_ternary(3, 40, 8, gen(4))]
+    ws[2] = dataclasses.replace(ws[2], t_accum=None, e_accum=None)  # frozen: no accumulators
+    if stochastic:
+        ws = [set_flip_counters(w, False) if w.trainable else w for w in ws]
+    grads = [torch.randn(w.out_features, w.in_features, generator=gen(10 + i)) for i, w in enumerate(ws)]
+    grads[3] = None
+    step = torch.tensor(5) if stochastic else None
+    th = 2 if stochastic else 1  # counters start at 0: θ 1 flips on the first vote
+    new, flips, moves = update_weights(ws, grads, th, 3, step, seed=9, first_index=4)
+    assert new[2] is ws[2] and new[3] is ws[3]
+    want_flips = want_moves = 0
+    for i in (0, 1):
+        alone = update_ops.ternary_update_stochastic(ws[i].packed, ws[i].exp, ws[i].e_accum, grads[i], step,
+                                                     update_ops.flip_cutoff(step, 2), ws[i].in_features,
+                                                     ws[i].group_size, 3, update_ops.stream_seed(9, 4 + i)) \
+            if stochastic else update_ops.ternary_update(ws[i].packed, ws[i].exp, ws[i].t_accum, ws[i].e_accum,
+                                                         grads[i], ws[i].in_features, ws[i].group_size, th, 3)
+        *tensors, f, m = alone
+        got = (new[i].packed, new[i].exp, new[i].e_accum) if stochastic else \
+            (new[i].packed, new[i].exp, new[i].t_accum, new[i].e_accum)
+        assert all(torch.equal(a, b) for a, b in zip(got, tensors, strict=True)), i
+        assert (new[i].t_accum is None) == stochastic
+        validate_weight(new[i])
+        want_flips, want_moves = want_flips + int(f), want_moves + int(m)
+    assert int(flips) == want_flips > 0 and int(moves) == want_moves
+    with pytest.raises(ValueError, match="one gradient"):
+        update_weights(ws, grads[:2], 2, 3, step)
 
 
 def test_counter_update_of_a_weight_without_counters_raises():

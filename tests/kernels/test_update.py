@@ -1,7 +1,7 @@
 """Properties of ``arbfn::ternary_update``, ``arbfn::ternary_update_nibble`` and ``arbfn::ternary_update_stochastic``:
 Triton == reference == a plain-Python restatement of the rule, output invariants, repeated-call behaviour, the
 4-bit counters' layout and their equality with the 8-bit rule, the hashed flip rate, argument validation, and
-torch.compile."""
+torch.compile; and of ``arbfn::ternary_update_group``: each weight of a list updated as the single-weight ops do."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from kernels.update import (draws, flip_cutoff, pack_nibbles, step_key, stream_s
                             ternary_update_nibble, ternary_update_reference, ternary_update_stochastic,
                             ternary_update_stochastic_reference, ternary_update_stochastic_triton,
                             ternary_update_triton, unpack_nibbles)
+from kernels.update_group import (FLAT_ALIGN, flat_offsets, ternary_update_group, ternary_update_group_triton,
+                                  unflatten)
 
 GROUP_SIZES = (4, 6, 8, 16, 32, 64, 96)
 SPECIAL_K = (1, 2, 3, 4, 5, 6, 7, 11, 13, 31, 40, 48, 60, 61, 64, 67, 70)
@@ -682,3 +684,136 @@ def test_nibble_counters_saturate_at_the_limits(kernel_device, trit, start, vote
         assert torch.all(unpack_reference(state[0].cpu(), k) == want_trit)
         assert torch.equal(state[2].cpu(), nibbles_by_hand(torch.full((n, k), want_counter, dtype=torch.int8)))
         assert flips == want_flips * n * k
+
+
+# ---------------------------------------------------------------- 8. a list of weights in one op (update_group.py)
+
+
+@st.composite
+def group_cases(draw, max_weights: int = 4):
+    """(mode, flip θ, exp θ, per-weight (inputs, k, group_size), step, cutoff, seeds) for 1..max_weights weights of
+    one flip mode ("counter", "nibble" or "stochastic"), some of them with no rows."""
+    mode = draw(st.sampled_from(("counter", "nibble", "stochastic")))
+    th = draw(st.integers(1, 7)) if mode == "nibble" else draw(THRESHOLDS)
+    the = draw(THRESHOLDS)
+    weights = []
+    for _ in range(draw(st.integers(1, max_weights))):
+        n, k = draw(st.integers(0, 4)), draw(st.one_of(st.sampled_from(SPECIAL_K[:12]), st.integers(1, 40)))
+        gs = draw(st.sampled_from(GROUP_SIZES))
+        modes = [draw(st.sampled_from(m)) for m in (("uniform", "edge"), ("uniform", "edge"), ("mixed", "special"))]
+        packed, exp, t_accum, e_accum, grad = make_case(n, k, gs, th, the, *modes, seed=draw(st.integers(0, 2**31 - 1)))
+        t_accum = pack_nibbles(t_accum) if mode == "nibble" else t_accum
+        weights.append(((packed, exp, t_accum, e_accum, grad), k, gs))
+    step, cutoff, seeds = None, None, []
+    if mode == "stochastic":
+        step = torch.tensor(draw(st.sampled_from(EXTREME_STEPS)))
+        cutoff = draw(st.one_of(st.just(flip_cutoff(step, th)), st.sampled_from(EXTREME_CUTOFFS).map(torch.tensor)))
+        seeds = [draw(st.integers(0, 2**32 - 1)) for _ in weights]
+    return mode, th, the, weights, step, cutoff, seeds
+
+
+def group_args(case, device: str) -> tuple:
+    """The group op's arguments of a :func:`group_cases` case, tensors on ``device``."""
+    mode, th, the, weights, step, cutoff, seeds = case
+    lists = [[w[0][j].to(device) for w in weights] for j in range(5)]
+    if mode == "stochastic":
+        lists[2] = []
+        step, cutoff = step.to(device), cutoff.to(device)
+    return (*lists, step, cutoff, [w[1] for w in weights], [w[2] for w in weights], 0 if mode == "stochastic" else th,
+            the, 4 if mode == "nibble" else 8, seeds)
+
+
+def single_weight_results(case) -> list[tuple]:
+    """Each weight of a group case through its single-weight reference: (packed', exp', t_accum' or None,
+    e_accum', flips, exp_moves)."""
+    mode, th, the, weights, step, cutoff, seeds = case
+    out = []
+    for ((packed, exp, t_accum, e_accum, grad), k, gs), seed in zip(weights, seeds or [None] * len(weights)):
+        if mode == "stochastic":
+            p, e, a, f, m = ternary_update_stochastic_reference(packed, exp, e_accum, grad, step, cutoff, k, gs, the,
+                                                                seed)
+            out.append((p, e, None, a, f, m))
+        else:
+            out.append(ternary_update_reference(packed, exp, t_accum, e_accum, grad, k, gs, th, the,
+                                                counter_bits=4 if mode == "nibble" else 8))
+    return out
+
+
+@given(group_cases())
+def test_group_matches_the_single_weight_ops(kernel_device, case):
+    """Reference (CPU op) and kernels alike: every weight's slice of the flat outputs is its single-weight update,
+    the counts are the totals, and the bytes between weights are zero."""
+    want = single_weight_results(case)
+    for update, device in ((ternary_update_group, "cpu"), (ternary_update_group_triton, kernel_device)):
+        args = group_args(case, device)
+        got = update(*args)
+        assert int(got[4]) == sum(int(w[4]) for w in want) and int(got[5]) == sum(int(w[5]) for w in want)
+        for j, name in enumerate(("packed", "exp", "t_accum", "e_accum")):
+            if not args[j]:
+                assert got[j].numel() == 0 and got[j].dtype == torch.int8, name
+                continue
+            slices = unflatten(got[j], args[j])
+            assert all(torch.equal(s.cpu(), w[j]) for s, w in zip(slices, want)), f"{name} differs ({device})"
+            assert int(got[j].ne(0).sum()) == sum(int(s.ne(0).sum()) for s in slices), f"{name}: gaps not zero"
+            offsets, total = flat_offsets(args[j])
+            assert got[j].numel() == total and all(o % FLAT_ALIGN == 0 for o in offsets)
+
+
+def _group_bad_cases() -> list:
+    packed, exp, t_accum, e_accum, grad = make_case(3, 12, 4, 8, 8, "uniform", "uniform", "mixed", seed=0)
+    step, cutoff = torch.tensor(3), torch.tensor(2**20)
+    ok = dict(packed=[packed], exp=[exp], t_accum=[t_accum], e_accum=[e_accum], grad=[grad], step=None, cutoff=None,
+              ks=[12], group_sizes=[4], flip_threshold=8, exp_threshold=8, counter_bits=8, seeds=[])
+    stochastic = {**ok, "t_accum": [], "step": step, "cutoff": cutoff, "flip_threshold": 0, "seeds": [5]}
+    return [
+        ({**ok, **{name: [] for name in ("packed", "exp", "t_accum", "e_accum", "grad", "ks", "group_sizes")}},
+         "at least one weight"),
+        ({**ok, "exp": [exp, exp]}, "one exp per weight"),
+        ({**ok, "ks": []}, "one ks per weight"),
+        ({**ok, "t_accum": []}, "one t_accum per weight"),
+        ({**ok, "seeds": [1]}, "counter flips take no seeds"),
+        ({**ok, "step": step}, "step and cutoff go together"),
+        ({**stochastic, "cutoff": None}, "step and cutoff go together"),
+        ({**stochastic, "t_accum": [t_accum]}, "keep no counters"),
+        ({**stochastic, "seeds": []}, "one seeds per weight"),
+        ({**stochastic, "seeds": [2**32]}, "weight 0: seed must be"),
+        ({**ok, "packed": [packed, packed], "exp": [exp, exp[:, :1]], "t_accum": [t_accum] * 2,
+          "e_accum": [e_accum] * 2, "grad": [grad] * 2, "ks": [12] * 2, "group_sizes": [4] * 2},
+         "weight 1: exp must be"),
+        ({**ok, "flip_threshold": 128}, "weight 0: flip_threshold must be in"),
+    ]
+
+
+@pytest.mark.parametrize("args,match", _group_bad_cases())
+def test_group_bad_arguments_raise_value_error(kernel_device, args, match):
+    for update in (ternary_update_group, ternary_update_group_triton):
+        with pytest.raises(ValueError, match=match):
+            update(**args)
+
+
+@pytest.mark.slow
+def test_group_compiled_matches_eager_and_passes_opcheck():
+    """Both flip modes in one compiled function (the flat outputs and their views traced), and torch.library's
+    schema, fake and dispatch checks."""
+    case_w = [make_case(n, k, gs, 3, 5, "edge", "edge", "mixed", seed=n) for n, k, gs in ((5, 37, 6), (2, 64, 32))]
+    lists = [[w[j] for w in case_w] for j in range(5)]
+    ks, gss = [37, 64], [6, 32]
+    step = torch.tensor(7)
+
+    def both(packed, exp, t_accum, e_accum, grad, step):
+        counter = torch.ops.arbfn.ternary_update_group(packed, exp, t_accum, e_accum, grad, None, None, ks, gss, 3, 5,
+                                                       8, [])
+        stochastic = torch.ops.arbfn.ternary_update_group(packed, exp, [], e_accum, grad, step, flip_cutoff(step, 2),
+                                                          ks, gss, 0, 5, 8, [11, 12])
+        return [*unflatten(counter[0], packed), *unflatten(stochastic[0], packed), counter[4] + stochastic[4]]
+
+    torch._dynamo.reset()
+    want = both(*lists, step)
+    assert int(want[-1]) > 0
+    got = torch.compile(both, fullgraph=True)(*lists, step)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    torch.library.opcheck(torch.ops.arbfn.ternary_update_group.default,
+                          (*lists, None, None, ks, gss, 3, 5, 8, []))
+    torch.library.opcheck(torch.ops.arbfn.ternary_update_group.default,
+                          (lists[0], lists[1], [], lists[3], lists[4], step, flip_cutoff(step, 2), ks, gss, 0, 5, 8,
+                           [11, 12]))
