@@ -10,7 +10,11 @@ The step stays a pure function of (state, batch): each call copies the state's a
 graph's static inputs, replays, and returns *copies* of the graph's outputs, so a caller may keep any earlier
 state (the next replay overwrites only the graph's own buffers). Inputs and outputs each sit in one flat buffer
 per dtype, so that copy is a cat and a copy in and one clone out per dtype, not one launch per tensor (the
-small byte path's state has 236 tensors); the returned tensors are views into their call's buffers. One graph is
+small byte path's state has 236 tensors); the returned tensors are views into their call's buffers, made in C++.
+A train loop passes each call the state the call before returned. So the graph ends by copying its new state
+into its own state input as well (a few copies on the device), and a call whose state is exactly the one the
+last call returned (the same tensors, not written in place since: their version counters say so) copies only
+its batch in. On the H200 the host spent 1.4 ms per call on the copy in (benchmarks/RESULTS.md). One graph is
 captured per input structure (the pytree layout and every tensor's shape, dtype and device); the first call
 of a structure runs three warm-up steps first (compiles, cuBLAS workspaces, Triton autotuning happen there,
 outside the capture).
@@ -98,36 +102,80 @@ class FlatTensors:
         return out
 
 
-def _with_tensors(leaves: list[Any], tensors: list[torch.Tensor]) -> list[Any]:
-    """``leaves`` with its tensor leaves replaced, in order, by ``tensors``."""
-    it = iter(tensors)
-    return [next(it) if isinstance(x, torch.Tensor) else x for x in leaves]
+def _tensors(leaves: list[Any]) -> list[torch.Tensor]:
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+class _FlatTree:
+    """A pytree's layout (its leaves, spec and :class:`FlatTensors` of its tensor leaves), to rebuild it as views."""
+
+    def __init__(self, tree: Any) -> None:
+        self.leaves, self.spec = pytree.tree_flatten(tree)
+        self.layout = FlatTensors(_tensors(self.leaves))
+
+    def tree(self, flats: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
+        """(the tree with its tensors as views into ``flats``, buffers of this layout; those views in order)."""
+        views = self.layout.views(flats)
+        it = iter(views)
+        return pytree.tree_unflatten([next(it) if isinstance(x, torch.Tensor) else x for x in self.leaves],
+                                     self.spec), views
 
 
 class _Captured:
-    """One captured step: its inputs and outputs each live in one flat buffer per dtype (:class:`FlatTensors`)."""
+    """One captured step. State, batch, new state and metrics each sit in flat buffers per dtype. Where the new
+    state has the state's layout (a train step's does), the graph ends by copying it into its own state input
+    (``resident``), so the next call on exactly that state has only its batch to copy in."""
 
     def __init__(self, step: Step, state: State, batch: Any) -> None:
-        leaves, spec = pytree.tree_flatten((state, batch))
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        self.in_layout = FlatTensors(tensors)
-        self.flat_in = self.in_layout.gather(tensors)
-        inputs = pytree.tree_unflatten(_with_tensors(leaves, self.in_layout.views(self.flat_in)), spec)
+        self.state_in, self.batch_in = _FlatTree(state), _FlatTree(batch)
+        self.flat_state = self.state_in.layout.gather(_tensors(self.state_in.leaves))
+        self.flat_batch = self.batch_in.layout.gather(_tensors(self.batch_in.leaves))
+        self.device = self.flat_state[0].device
+        inputs = self.state_in.tree(self.flat_state)[0], self.batch_in.tree(self.flat_batch)[0]
 
-        def step_into_flat() -> tuple[list[Any], pytree.TreeSpec, FlatTensors, list[torch.Tensor]]:
-            out_leaves, out_spec = pytree.tree_flatten(step(*inputs))
-            outputs = [x for x in out_leaves if isinstance(x, torch.Tensor)]
-            layout = FlatTensors(outputs)
-            return out_leaves, out_spec, layout, layout.gather(outputs)
+        def step_into_flat() -> tuple[_FlatTree, _FlatTree, list[torch.Tensor], list[torch.Tensor], bool]:
+            new_state, metrics = step(*inputs)
+            state_out, metrics_out = _FlatTree(new_state), _FlatTree(metrics)
+            flat_new = state_out.layout.gather(_tensors(state_out.leaves))
+            resident = state_out.spec == self.state_in.spec and state_out.layout.specs == self.state_in.layout.specs
+            for into, new in zip(self.flat_state, flat_new) if resident else ():
+                into.copy_(new)
+            return state_out, metrics_out, flat_new, metrics_out.layout.gather(_tensors(metrics_out.leaves)), resident
 
-        self.graph, (self.out_leaves, self.out_spec, self.out_layout, self.flat_out) = capture(step_into_flat)
+        self.graph, (self.state_out, self.metrics_out, self.flat_new, self.flat_metrics, self.resident) = \
+            capture(step_into_flat)
 
-    def __call__(self, tensors: list[torch.Tensor]) -> tuple[State, dict[str, torch.Tensor]]:
-        """Replay on the tensor leaves of (state, batch), in pytree order."""
-        self.in_layout.gather(tensors, out=self.flat_in)
+    def __call__(self, state: list[torch.Tensor] | None, batch: list[torch.Tensor]
+                 ) -> tuple[State, dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Replay on the tensor leaves of the state (None: the graph's state input already holds it) and batch,
+        in pytree order: (new state, metrics, the new state's tensors), as views into fresh copies (the next
+        replay overwrites the graph's own outputs)."""
+        if state is not None:
+            self.state_in.layout.gather(state, out=self.flat_state)
+        self.batch_in.layout.gather(batch, out=self.flat_batch)
         self.graph.replay()
-        fresh = self.out_layout.views([flat.clone() for flat in self.flat_out])  # the next replay overwrites flat_out
-        return pytree.tree_unflatten(_with_tensors(self.out_leaves, fresh), self.out_spec)
+        new_state, tensors = self.state_out.tree([flat.clone() for flat in self.flat_new])
+        return new_state, self.metrics_out.tree([flat.clone() for flat in self.flat_metrics])[0], tensors
+
+
+class _Returned:
+    """The state a resident graph returned last: its tensors and their version counters (an in-place write to any
+    of them, or to a view of the same buffer, bumps the counter)."""
+
+    def __init__(self, captured: _Captured, tensors: list[torch.Tensor]) -> None:
+        self.captured = captured
+        self.tensors = tensors
+        self.versions = [t._version for t in self.tensors]
+
+    def holds(self, spec: pytree.TreeSpec, state: list[torch.Tensor], batch_spec: pytree.TreeSpec,
+              batch: list[torch.Tensor]) -> bool:
+        """Whether a call on (state, batch) may skip copying its state in: the state is this one, untouched (same
+        tree, the very tensors, no write since), and the batch fits the same graph."""
+        cap = self.captured
+        return (len(state) == len(self.tensors) and all(a is b for a, b in zip(state, self.tensors))
+                and all(t._version == v for t, v in zip(state, self.versions)) and spec == cap.state_in.spec
+                and batch_spec == cap.batch_in.spec and [(t.shape, t.dtype) for t in batch] == cap.batch_in.layout.specs
+                and all(t.device == cap.device for t in batch))
 
 
 class GraphedTrainStep:
@@ -142,6 +190,7 @@ class GraphedTrainStep:
         self.cfg = cfg
         self._step = step_fn
         self._graphs: dict[tuple, _Captured] = {}
+        self._returned: _Returned | None = None
 
     @property
     def captured(self) -> int:
@@ -151,19 +200,30 @@ class GraphedTrainStep:
     def __call__(self, state: State, batch: Any) -> tuple[State, dict[str, torch.Tensor]]:
         if self.cfg.model != state.config:
             raise ValueError("GraphedTrainStep: the state's model config differs from the step's")
+        state_leaves, spec = pytree.tree_flatten(state)
+        batch_leaves, batch_spec = pytree.tree_flatten(batch)
+        state_tensors, batch_tensors = _tensors(state_leaves), _tensors(batch_leaves)
+        returned = self._returned
+        if returned is not None and returned.holds(spec, state_tensors, batch_spec, batch_tensors):
+            return self._remember(returned.captured, None, batch_tensors)
         moe = self.cfg.model.moe
         tokens = as_batch(batch)["bytes"].numel()
         if self.cfg.model.enable_moe and tokens > moe.dense_limit:
             raise ValueError(f"GraphedTrainStep needs the MoE's dense dispatch: the batch has {tokens} ids, above "
                              f"moe.dense_limit {moe.dense_limit} (the sparse dispatch's shapes depend on the data)")
-        leaves, spec = pytree.tree_flatten((state, batch))  # once per call: the key and the inputs both need it
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        devices = {t.device for t in tensors}
+        devices = {t.device for t in state_tensors + batch_tensors}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
             raise ValueError(f"GraphedTrainStep needs the state and the batch on one CUDA device, got "
                              f"{', '.join(sorted(map(str, devices))) or 'no tensors'}")
-        key = _structure(leaves, spec)
+        key = _structure(state_leaves, spec), _structure(batch_leaves, batch_spec)
         if key not in self._graphs:
             with torch.cuda.device(next(iter(devices))):
                 self._graphs[key] = _Captured(self._step, state, batch)
-        return self._graphs[key](tensors)
+        return self._remember(self._graphs[key], state_tensors, batch_tensors)
+
+    def _remember(self, captured: _Captured, state: list[torch.Tensor] | None, batch: list[torch.Tensor]
+                  ) -> tuple[State, dict[str, torch.Tensor]]:
+        """Replay ``captured``; keep what it returned where the next call may start from it."""
+        new_state, metrics, tensors = captured(state, batch)
+        self._returned = _Returned(captured, tensors) if captured.resident else None
+        return new_state, metrics

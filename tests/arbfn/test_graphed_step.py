@@ -71,6 +71,35 @@ def test_graphed_step_keeps_earlier_states_and_recaptures_new_shapes():
     assert graphed.captured == 2
 
 
+@cuda
+def test_a_returned_state_skips_the_copy_in_unless_written_or_stale():
+    """A call on the state the last call returned copies only its batch in (the graph wrote that state into its
+    own input); an in-place write to such a state, or an older state, takes the full copy. Each result is the
+    compiled step's."""
+    compiled = CompiledTrainStep(CFG)
+    graphed = GraphedTrainStep(CFG, compiled)
+    n_weights = sum(w.num_weights for w in weights(cuda_state().params))
+    b1, b2, b3 = batches(3)
+    s1, _ = graphed(cuda_state(), b1)
+    captured = next(iter(graphed._graphs.values()))
+    assert captured.resident
+    copies = []
+    gather = captured.state_in.layout.gather
+    captured.state_in.layout.gather = lambda *a, **k: copies.append(1) or gather(*a, **k)
+
+    ref = compiled(s1, b2)
+    s2 = graphed(s1, b2)
+    same_step(ref, s2, n_weights)
+    assert copies == [], "the returned state was copied in again"
+    same_step(compiled(s1, b3), graphed(s1, b3), n_weights)  # s1 is older than the last returned state
+    assert copies == [1]
+    s3 = graphed(s2[0], b3)[0]
+    w = weights(s3.params)[0]
+    w.packed[0, 0] = (w.packed[0, 0] + 1) % 243  # written in place after it was returned
+    same_step(compiled(s3, b1), graphed(s3, b1), n_weights)
+    assert copies == [1, 1, 1]
+
+
 def test_flat_tensors_round_trip_every_dtype_and_shape():
     """The graph's flat input/output layout: every tensor back bit for bit, as views of one buffer per dtype."""
     from arbfn.graphed import FlatTensors
