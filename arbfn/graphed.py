@@ -87,8 +87,8 @@ class FlatTensors:
         an earlier call returned) if given."""
         self.check(tensors)
         flats = [_flatten_dense_tensors([tensors[i] for i in idx]) for idx in self.groups.values()]
-        if out is None:
-            return flats
+        if out is None:  # one contiguous tensor flattens to a view of itself: copy it, as cat copies the others
+            return [flat.clone() if len(idx) == 1 else flat for flat, idx in zip(flats, self.groups.values())]
         for buffer, flat in zip(out, flats):
             buffer.copy_(flat)
         return out

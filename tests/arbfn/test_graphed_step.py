@@ -114,6 +114,11 @@ def test_flat_tensors_round_trip_every_dtype_and_shape():
     assert sum(f.numel() for f in flats) == sum(t.numel() for t in tensors)
     back = layout.views(flats)
     assert all(b.dtype == t.dtype and b.shape == t.shape and torch.equal(b, t) for b, t in zip(back, tensors))
+    kept = [t.clone() for t in tensors]
+    for f in flats:
+        f.zero_()
+    assert all(torch.equal(t, k) for t, k in zip(tensors, kept)), "a buffer aliases its tensors (one per dtype)"
+    assert not any(b.any() for b in back)
     moved = [t + 1 if t.dtype != torch.bool else ~t for t in tensors]
     assert layout.gather(moved, out=flats) is flats  # in place, as each call writes the graph's inputs
     assert all(torch.equal(b, m) for b, m in zip(back, moved))
