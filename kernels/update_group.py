@@ -4,8 +4,8 @@ A train step updates every ternary weight (69 on the small byte path). One singl
 per weight costs each weight its own launches: a copy of its packed bytes, a fill of its count buffer, the
 kernel, two count sums; a compiled or CUDA-graph step runs them all. This op takes the lists and returns each
 output as one flat buffer, so on CUDA the step issues one multi-tensor copy of the packed bytes, one fill, one
-fused kernel per weight and two sums. Weight by weight the rule is the single-weight ops', so the results equal
-theirs bit for bit.
+fused kernel per weight (spread over side streams, so that small weights' kernels overlap) and two sums.
+Weight by weight the rule is the single-weight ops', so the results equal theirs bit for bit.
 
     ternary_update_group(packed, exp, t_accum, e_accum, grad, step, cutoff, ks, group_sizes, flip_threshold,
                          exp_threshold, counter_bits, seeds) -> (packed', exp', t_accum', e_accum', flips, exp_moves)
@@ -48,6 +48,30 @@ def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Te
     """Views into ``flat`` (an output of the op) shaped like ``like`` (the op's matching input list)."""
     offsets, _ = flat_offsets(like)
     return [flat[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, like)]
+
+
+LANES = 8  # CUDA streams a group's fused kernels spread over
+_lanes: dict[int, list[torch.cuda.Stream]] = {}
+
+
+def run_in_lanes(device: torch.device, launches: list[Callable[[], None]]) -> None:
+    """Run ``launches`` (independent kernel launches) round-robin on LANES side streams forked from the current
+    stream and joined back to it, so they overlap on the GPU (most weights are too small to fill it alone; in a
+    CUDA graph the lanes become parallel branches). On CPU, or for one launch, in order on the current stream."""
+    if device.type != "cuda" or len(launches) < 2:
+        for run in launches:
+            run()
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    lanes = _lanes.setdefault(index, [torch.cuda.Stream(index) for _ in range(LANES)])[:len(launches)]
+    main = torch.cuda.current_stream(index)
+    for lane in lanes:
+        lane.wait_stream(main)
+    for j, run in enumerate(launches):
+        with torch.cuda.stream(lanes[j % len(lanes)]):
+            run()
+    for lane in lanes:
+        main.wait_stream(lane)
 
 
 def check_group_args(packed: list[torch.Tensor], exp: list[torch.Tensor], t_accum: list[torch.Tensor],
@@ -145,8 +169,9 @@ def ternary_update_group_triton(packed: list[torch.Tensor], exp: list[torch.Tens
                                 flip_threshold: int, exp_threshold: int, counter_bits: int,
                                 seeds: list[int]) -> GroupOutputs:
     """The group on the kernels (CUDA, or CPU under the interpreter): the packed bytes copied into their flat
-    buffer at once, then the fused kernel per weight into its slices, the counts summed once; weights of group
-    sizes the fused kernel does not take run the two-kernel update and are copied into place."""
+    buffer at once, then the fused kernel per weight into its slices (spread over :func:`run_in_lanes`' side
+    streams, biggest weights first), the counts summed once; weights of group sizes the fused kernel does not
+    take run the two-kernel update and are copied into place."""
     check_group_args(packed, exp, t_accum, e_accum, grad, step, cutoff, ks, group_sizes, flip_threshold,
                      exp_threshold, counter_bits, seeds)
     contiguous = [[x.contiguous() for x in ts] for ts in (packed, exp, t_accum, e_accum, grad)]
@@ -161,19 +186,23 @@ def ternary_update_group_triton(packed: list[torch.Tensor], exp: list[torch.Tens
     fused = [i for i in live if fuses(group_sizes[i])]
     tiles = [fused_tiles(packed[i].shape[0], ks[i]) for i in fused]
     counts = torch.zeros((2, sum(tiles)), dtype=torch.int32, device=packed[0].device)
-    start = 0
-    for i, n_tiles in zip(fused, tiles):
-        stream = None if step is None else (step, cutoff, seeds[i])
-        launch_fused_into(packed[i], exp[i], t_accum[i] if t_accum else None, e_accum[i], grad[i], stream, ks[i],
-                          group_sizes[i], flip_threshold, exp_threshold, counter_bits, new_packed[i], new_t_accum[i],
-                          new_exp[i], new_e_accum[i], counts[:, start:start + n_tiles])
-        start += n_tiles
+    starts = [sum(tiles[:j]) for j in range(len(fused))]
+
+    def launch(j: int) -> Callable[[], None]:
+        i, flip_stream = fused[j], None if step is None else (step, cutoff, seeds[fused[j]])
+        return lambda: launch_fused_into(
+            packed[i], exp[i], t_accum[i] if t_accum else None, e_accum[i], grad[i], flip_stream, ks[i],
+            group_sizes[i], flip_threshold, exp_threshold, counter_bits, new_packed[i], new_t_accum[i], new_exp[i],
+            new_e_accum[i], counts[:, starts[j]:starts[j] + tiles[j]])
+
+    biggest_first = sorted(range(len(fused)), key=lambda j: -packed[fused[j]].numel())
+    run_in_lanes(packed[0].device, [launch(j) for j in biggest_first])
     flips, moves = counts[0].sum(dtype=torch.int64), counts[1].sum(dtype=torch.int64)
 
     def unfused(i: int) -> Outputs:
-        stream = None if step is None else (step, cutoff, seeds[i])
-        return launch_update(packed[i], exp[i], t_accum[i] if t_accum else None, e_accum[i], grad[i], stream, ks[i],
-                             group_sizes[i], flip_threshold, exp_threshold, counter_bits)
+        flip_stream = None if step is None else (step, cutoff, seeds[i])
+        return launch_update(packed[i], exp[i], t_accum[i] if t_accum else None, e_accum[i], grad[i], flip_stream,
+                             ks[i], group_sizes[i], flip_threshold, exp_threshold, counter_bits)
 
     rest = [i for i in live if not fuses(group_sizes[i])]
     if rest:

@@ -701,7 +701,8 @@ def group_cases(draw, max_weights: int = 4):
         n, k = draw(st.integers(0, 4)), draw(st.one_of(st.sampled_from(SPECIAL_K[:12]), st.integers(1, 40)))
         gs = draw(st.sampled_from(GROUP_SIZES))
         modes = [draw(st.sampled_from(m)) for m in (("uniform", "edge"), ("uniform", "edge"), ("mixed", "special"))]
-        packed, exp, t_accum, e_accum, grad = make_case(n, k, gs, th, the, *modes, seed=draw(st.integers(0, 2**31 - 1)))
+        seed = draw(st.integers(0, 2**31 - 1))
+        packed, exp, t_accum, e_accum, grad = make_case(n, k, gs, th, the, *modes, seed=seed)
         t_accum = pack_nibbles(t_accum) if mode == "nibble" else t_accum
         weights.append(((packed, exp, t_accum, e_accum, grad), k, gs))
     step, cutoff, seeds = None, None, []
