@@ -80,6 +80,9 @@ def train_step(state: State, batch: torch.Tensor, cfg: Config) -> tuple[State, d
     exp_moves). Ternary weights learn by sign votes; integer counters by what the forward saw."""
     if cfg.model != state.config:
         raise ValueError("train_step: cfg.model differs from the state's model config")
+    if state.step.device.type == "meta":
+        raise ValueError("train_step needs a state with data, got a shape-only state on the meta device "
+                         "(init_model(cfg) without a generator); pass one: init_model(cfg, torch.Generator())")
     grads, loss, aux = gradient_signals(state, batch, cfg.train)
     return finish_step(state, grads, loss, aux, cfg)
 

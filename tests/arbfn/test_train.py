@@ -157,6 +157,11 @@ def test_train_step_rejects_a_config_of_another_model(batch):
         train_step(state, batch, other)
 
 
+def test_train_step_rejects_a_shape_only_state(batch):
+    with pytest.raises(ValueError, match="shape-only state on the meta device"):
+        train_step(init_model(TINY), batch, TINY)
+
+
 def test_rows_of_one_token_are_rejected_not_nan():
     state = init_model(TINY, gen(0))
     with pytest.raises(ValueError, match=r"at least 2 tokens per row.*\(4, 1\)"):
