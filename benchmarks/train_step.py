@@ -5,7 +5,7 @@ eager and under torch.compile), with peak device memory and the persistent state
 
     python -m benchmarks.train_step [--device cuda] [--preset small] [--batch 16] [--context 256]
                                     [--matmul-precision highest|high] [--layouts stochastic,annealed,nibble]
-                                    [--compute-dtype float32|bfloat16]
+                                    [--compute-dtype float32|bfloat16] [--reps 8]
 """
 
 from __future__ import annotations
@@ -36,17 +36,17 @@ def ternary_state(cfg: Config, device: torch.device) -> State:
     return State(to_device(s.params, device), s.step.to(device), s.config)
 
 
-def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """(median step ms, peak device memory in MB during the timed steps; 0 on CPU)."""
+def measure(fn: Callable[[], object], device: torch.device, reps: int = 8) -> tuple[float, float]:
+    """(median ms of ``reps`` synced steps, peak device memory in MB during them; 0 on CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ms = sync_ms(fn, device, warmup=2, reps=8)
+    ms = sync_ms(fn, device, warmup=2, reps=reps)
     peak = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else 0.0
     return ms, peak
 
 
 def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.device,
-                 kinds: tuple[str, ...] = ("eager", "compiled", "CUDA graph")) -> list[list]:
+                 kinds: tuple[str, ...] = ("eager", "compiled", "CUDA graph"), reps: int = 8) -> list[list]:
     """Ternary step rows for ``cfg`` (eager, compiled, compiled in a CUDA graph: the last on CUDA only); the
     state advances across the timed steps."""
     box = {"state": ternary_state(cfg, device)}
@@ -58,7 +58,7 @@ def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.devic
     for kind, step in ((k, steps[k]) for k in kinds if k != "CUDA graph" or device.type == "cuda"):
         def run() -> None:
             box["state"], _ = step(box["state"], ids)
-        ms, peak = measure(run, device)
+        ms, peak = measure(run, device, reps)
         rows.append([f"ternary {label}, {kind}", ms, ids.numel() / ms * 1e3, peak, report["ternary_weights"],
                      f"{report['bytes_per_weight']:.3f}"])
     return rows
@@ -87,7 +87,7 @@ def twin_step(cfg: Config, ids: torch.Tensor, device: torch.device, kind: str
     return (capture(run)[0].replay if graphed else run), model
 
 
-def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> list[list]:
+def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device, reps: int = 8) -> list[list]:
     """The float twin's step (fp32 master weights: what a user would run) of every kind in ``TWIN_KINDS`` the
     device runs (no CUDA graph on CPU)."""
     rows = []
@@ -95,7 +95,7 @@ def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device) -> list[list
         run, model = twin_step(cfg, ids, device, kind)
         n = sum(p.numel() for p in model.parameters())
         state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())  # weights + 2 Adam moments
-        ms, peak = measure(run, device)
+        ms, peak = measure(run, device, reps)
         rows.append([f"float twin byte path, bf16 autocast + AdamW, {kind}", ms, ids.numel() / ms * 1e3, peak, n,
                      f"{state_bytes / n:.3f}"])
     return rows
@@ -147,14 +147,19 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma list of extra byte-path update layouts to time compiled: 'stochastic' (no flip "
                          "counters), 'annealed' (the same, θ 64 -> 2048 over 1000 steps), 'nibble' (4-bit counters, "
                          "flip threshold 7)")
+    ap.add_argument("--reps", type=int, default=8,
+                    help="timed steps per row (their median is the row's time; graphed rows move by ~10%% between "
+                         "runs at 8)")
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        raise SystemExit(f"--reps must be >= 1, got {args.reps}")
     cfg, ids, device = step_setup(args)
-    rows = [] if args.skip_full else ternary_rows(cfg, "full model", ids, device)
-    rows += ternary_rows(byte_path_config(cfg), "byte path", ids, device)
+    rows = [] if args.skip_full else ternary_rows(cfg, "full model", ids, device, reps=args.reps)
+    rows += ternary_rows(byte_path_config(cfg), "byte path", ids, device, reps=args.reps)
     for layout in filter(None, args.layouts.split(",")):
         rows += ternary_rows(byte_path_config(with_layout(cfg, layout)), f"byte path, {layout}", ids, device,
-                             kinds=("compiled", "CUDA graph"))
-    rows += twin_rows(cfg, ids, device)
+                             kinds=("compiled", "CUDA graph"), reps=args.reps)
+    rows += twin_rows(cfg, ids, device, args.reps)
     print(f"device: {describe(device)}; preset {args.preset}; batch [{args.batch}, {args.context}]; "
           f"MoE dense dispatch up to {cfg.model.moe.dense_limit} tokens; "
           f"fp32 matmul precision {args.matmul_precision}; ternary activations {args.compute_dtype}")
