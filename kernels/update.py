@@ -1,6 +1,7 @@
 """The sign-vote update: flip packed trits and move group exponents from the signs of ``dL/dW``.
 
-Three ops, each a pure function (new tensors, inputs never written):
+Three ops, each a pure function (new tensors, inputs never written; kernels/update_group.py runs the same
+kernels for a whole list of weights as one op):
 
 * ``arbfn::ternary_update(packed, exp, t_accum, e_accum, grad, k, group_size, flip_threshold,
   exp_threshold) -> (packed', exp', t_accum', e_accum', flips, exp_moves)``: counter flips (below);
@@ -591,7 +592,7 @@ def fused_tiles(n: int, k: int) -> int:
     return max(cdiv(n, c.kwargs["BLOCK_R"]) * cdiv(cdiv(k, 8), c.kwargs["BLOCK_O"]) for c in _FUSED_CONFIGS)
 
 
-def aligned_copy(packed: torch.Tensor) -> torch.Tensor:
+def _aligned_copy(packed: torch.Tensor) -> torch.Tensor:
     """A copy of ``packed`` at a 4-byte aligned address with room after it for the fused kernel's last word."""
     buf = torch.empty(packed.numel() + 8, dtype=torch.uint8, device=packed.device)
     start = -buf.data_ptr() % 4
@@ -622,7 +623,7 @@ def _launch_fused(packed: torch.Tensor, exp: torch.Tensor, t_accum: torch.Tensor
                   exp_threshold: int, counter_bits: int, new_t_accum: torch.Tensor | None, new_exp: torch.Tensor,
                   new_e_accum: torch.Tensor) -> Outputs:
     """:func:`launch_fused_into` on a fresh aligned copy of the packed bytes and fresh counts."""
-    new_packed = aligned_copy(packed)
+    new_packed = _aligned_copy(packed)
     counts = torch.zeros((2, fused_tiles(packed.shape[0], k)), dtype=torch.int32, device=packed.device)
     launch_fused_into(packed, exp, t_accum, e_accum, grad, stream, k, group_size, flip_threshold, exp_threshold,
                       counter_bits, new_packed, new_t_accum, new_exp, new_e_accum, counts)
