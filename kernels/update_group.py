@@ -21,6 +21,7 @@ totals over the list.
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Callable, Sequence
 
 import torch
@@ -118,12 +119,16 @@ def _flat_outputs(packed: list[torch.Tensor], exp: list[torch.Tensor], t_accum: 
             for ts in (packed, exp, t_accum, e_accum)]
 
 
-def _weight_by_weight(inputs: list[list[torch.Tensor]], flats: list[torch.Tensor], indices: Sequence[int],
-                      update_one: Callable[[int], Outputs]) -> tuple[torch.Tensor, torch.Tensor]:
+def _flat_views(flats: list[torch.Tensor], inputs: list[list[torch.Tensor]]) -> list[list[torch.Tensor | None]]:
+    """Per-weight views into the four flat outputs, shaped like their inputs (Nones for absent counters)."""
+    return [unflatten(flat, ts) if ts else [None] * len(inputs[0]) for flat, ts in zip(flats, inputs)]
+
+
+def _weight_by_weight(views: list[list[torch.Tensor | None]], indices: Sequence[int],
+                      update_one: Callable[[int], Outputs], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``update_one(i)`` (a single-weight update's six outputs) for each index and copy its new tensors into
-    their places in ``flats``; returns the flips and exponent moves it counted."""
-    views = [unflatten(flat, ts) if ts else [] for flat, ts in zip(flats, inputs)]
-    flips = torch.zeros((), dtype=torch.int64, device=flats[0].device)
+    their ``views``; returns the flips and exponent moves it counted."""
+    flips = torch.zeros((), dtype=torch.int64, device=device)
     moves = flips.clone()
     for i in indices:
         *new, f, m = update_one(i)
@@ -158,8 +163,8 @@ def ternary_update_group(packed: list[torch.Tensor], exp: list[torch.Tensor], t_
             counter_bits, seeds)
     check_group_args(*args)
     flats = _flat_outputs(packed, exp, t_accum, e_accum)
-    flips, moves = _weight_by_weight([packed, exp, t_accum, e_accum], flats, range(len(packed)),
-                                     _one_reference(*args))
+    flips, moves = _weight_by_weight(_flat_views(flats, [packed, exp, t_accum, e_accum]), range(len(packed)),
+                                     _one_reference(*args), packed[0].device)
     return (*flats, flips, moves)
 
 
@@ -178,35 +183,34 @@ def ternary_update_group_triton(packed: list[torch.Tensor], exp: list[torch.Tens
     packed, exp, t_accum, e_accum, grad = contiguous
     check_launchable(*packed, *grad)
     flats = _flat_outputs(packed, exp, t_accum, e_accum)
-    new_packed, new_exp, new_e_accum = unflatten(flats[0], packed), unflatten(flats[1], exp), unflatten(flats[3],
-                                                                                                        e_accum)
-    new_t_accum = unflatten(flats[2], t_accum) if t_accum else [None] * len(packed)
-    torch._foreach_copy_(new_packed, packed)  # the fused kernel adds each flip's delta to the old bytes
+    views = _flat_views(flats, [packed, exp, t_accum, e_accum])
+    torch._foreach_copy_(views[0], packed)  # the fused kernel adds each flip's delta to the old bytes
+
+    def weight_args(i: int) -> tuple:
+        """Weight i's leading arguments of the single-weight launchers."""
+        return (packed[i], exp[i], t_accum[i] if t_accum else None, e_accum[i], grad[i],
+                None if step is None else (step, cutoff, seeds[i]), ks[i], group_sizes[i], flip_threshold,
+                exp_threshold, counter_bits)
+
     live = [i for i, p in enumerate(packed) if p.shape[0] > 0]
     fused = [i for i in live if fuses(group_sizes[i])]
     tiles = [fused_tiles(packed[i].shape[0], ks[i]) for i in fused]
     counts = torch.zeros((2, sum(tiles)), dtype=torch.int32, device=packed[0].device)
-    starts = [sum(tiles[:j]) for j in range(len(fused))]
+    starts = [0, *accumulate(tiles)]
 
     def launch(j: int) -> Callable[[], None]:
-        i, flip_stream = fused[j], None if step is None else (step, cutoff, seeds[fused[j]])
-        return lambda: launch_fused_into(
-            packed[i], exp[i], t_accum[i] if t_accum else None, e_accum[i], grad[i], flip_stream, ks[i],
-            group_sizes[i], flip_threshold, exp_threshold, counter_bits, new_packed[i], new_t_accum[i], new_exp[i],
-            new_e_accum[i], counts[:, starts[j]:starts[j] + tiles[j]])
+        i = fused[j]
+        new_packed, new_exp, new_t_accum, new_e_accum = (v[i] for v in views)
+        return lambda: launch_fused_into(*weight_args(i), new_packed, new_t_accum, new_exp, new_e_accum,
+                                         counts[:, starts[j]:starts[j + 1]])
 
     biggest_first = sorted(range(len(fused)), key=lambda j: -packed[fused[j]].numel())
     run_in_lanes(packed[0].device, [launch(j) for j in biggest_first])
     flips, moves = counts[0].sum(dtype=torch.int64), counts[1].sum(dtype=torch.int64)
-
-    def unfused(i: int) -> Outputs:
-        flip_stream = None if step is None else (step, cutoff, seeds[i])
-        return launch_update(packed[i], exp[i], t_accum[i] if t_accum else None, e_accum[i], grad[i], flip_stream,
-                             ks[i], group_sizes[i], flip_threshold, exp_threshold, counter_bits)
-
     rest = [i for i in live if not fuses(group_sizes[i])]
     if rest:
-        more_flips, more_moves = _weight_by_weight([packed, exp, t_accum, e_accum], flats, rest, unfused)
+        more_flips, more_moves = _weight_by_weight(views, rest, lambda i: launch_update(*weight_args(i)),
+                                                   packed[0].device)
         flips, moves = flips + more_flips, moves + more_moves
     return (*flats, flips, moves)
 
