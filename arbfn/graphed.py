@@ -64,18 +64,52 @@ def _structure(leaves: list[Any], spec: pytree.TreeSpec) -> tuple:
     return spec, tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
 
 
+ALIGN_BYTES = 16
+
+
 class FlatTensors:
     """A layout of tensors in one flat buffer per dtype: a whole state moves in and out of a graph in a few
     copies instead of one launch per tensor, and the tensors come back as views made in C++
-    (``torch._utils._unflatten_dense_tensors``, as DDP's buckets do), not one Python view per tensor."""
+    (``torch._utils._unflatten_dense_tensors``, as DDP's buckets do), not one Python view per tensor.
+
+    Each tensor starts at a multiple of ``ALIGN_BYTES`` within its buffer (zero padding between tensors): the
+    compiled step copies every input that is not 16-byte aligned before using it (Inductor's misaligned-input
+    check), which cost the captured small step 137 device copies per replay, and Triton specialises aligned
+    pointers for vector loads."""
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.specs = [(t.shape, t.dtype) for t in tensors]
         self.groups: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
             self.groups.setdefault(t.dtype, []).append(i)
-        self.templates = [[torch.empty(tensors[i].shape, dtype=d, device="meta") for i in idx]
+        self.pads = {d: self._pads(d, [tensors[i].numel() for i in idx]) for d, idx in self.groups.items()}
+        self.templates = [self._interleave([torch.empty(tensors[i].shape, dtype=d, device="meta") for i in idx],
+                                           [torch.empty(n, dtype=d, device="meta") for n in self.pads[d]])
                           for d, idx in self.groups.items()]
+        self.positions = [self._positions(self.pads[d]) for d in self.groups]  # the tensors' places among the views
+        self.fills: list[list[torch.Tensor]] | None = None  # the zero pads, made on the tensors' device
+
+    @staticmethod
+    def _pads(dtype: torch.dtype, sizes: list[int]) -> list[int]:
+        """Zero elements after each tensor but the last, so that every tensor starts ``ALIGN_BYTES``-aligned."""
+        step = max(1, ALIGN_BYTES // torch.empty(0, dtype=dtype).element_size())
+        return [-n % step for n in sizes[:-1]]
+
+    @staticmethod
+    def _positions(pads: list[int]) -> list[int]:
+        """Where each tensor sits in its :meth:`_interleave`'d list."""
+        places = [0]
+        for n in pads:
+            places.append(places[-1] + (2 if n else 1))
+        return places
+
+    @staticmethod
+    def _interleave(tensors: list[torch.Tensor], pads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` with each non-empty pad after its tensor."""
+        out = [tensors[0]] if tensors else []
+        for t, pad in zip(tensors[1:], pads):
+            out += [pad, t] if pad.numel() else [t]
+        return out
 
     def check(self, tensors: list[torch.Tensor]) -> None:
         """Raise ValueError unless ``tensors`` have the layout's shapes and dtypes, in its order."""
@@ -86,9 +120,14 @@ class FlatTensors:
         """One flat buffer per dtype holding ``tensors`` (laid out as at construction), copied into ``out`` (buffers
         an earlier call returned) if given."""
         self.check(tensors)
-        flats = [_flatten_dense_tensors([tensors[i] for i in idx]) for idx in self.groups.values()]
+        if self.fills is None:
+            device = tensors[0].device if tensors else None
+            self.fills = [[torch.zeros(n, dtype=d, device=device) for n in self.pads[d]] for d in self.groups]
+        parts = [self._interleave([tensors[i] for i in idx], fills)
+                 for idx, fills in zip(self.groups.values(), self.fills)]
+        flats = [_flatten_dense_tensors(p) for p in parts]
         if out is None:  # one contiguous tensor flattens to a view of itself: copy it, as cat copies the others
-            return [flat.clone() if len(idx) == 1 else flat for flat, idx in zip(flats, self.groups.values())]
+            return [flat.clone() if len(p) == 1 else flat for flat, p in zip(flats, parts)]
         for buffer, flat in zip(out, flats):
             buffer.copy_(flat)
         return out
@@ -96,9 +135,10 @@ class FlatTensors:
     def views(self, flats: list[torch.Tensor]) -> list[torch.Tensor]:
         """The tensors of the layout as views into ``flats`` (buffers :meth:`gather` returned), in their order."""
         out: list[torch.Tensor] = [flats[0]] * len(self.specs)
-        for idx, flat, templates in zip(self.groups.values(), flats, self.templates):
-            for i, view in zip(idx, _unflatten_dense_tensors(flat, templates)):
-                out[i] = view
+        for idx, flat, templates, places in zip(self.groups.values(), flats, self.templates, self.positions):
+            views = _unflatten_dense_tensors(flat, templates)
+            for i, j in zip(idx, places):
+                out[i] = views[j]
         return out
 
 

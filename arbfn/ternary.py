@@ -178,12 +178,17 @@ def weights(tree: Any) -> list[TernaryWeight]:
 
 
 def make_probes(tree: Any, dtype: torch.dtype = torch.float32) -> Any:
-    """A tree of zero probes (0-stride, so they cost no memory) mirroring the trainable weights of ``tree``."""
+    """A tree of zero probes (0-stride, so they cost no memory) mirroring the trainable weights of ``tree``. They
+    expand one zero per device, so making them launches one fill per device, not one per weight."""
+    zeros: dict[torch.device, torch.Tensor] = {}
 
     def probe(w: TernaryWeight):
         if not w.trainable:
             return None
-        return torch.zeros((), dtype=dtype, device=w.packed.device).expand(w.out_features, w.in_features)
+        device = w.packed.device
+        if device not in zeros:
+            zeros[device] = torch.zeros((), dtype=dtype, device=device)
+        return zeros[device].expand(w.out_features, w.in_features)
 
     return pytree.tree_map(lambda x: probe(x) if is_ternary(x) else None, tree, is_leaf=is_ternary)
 

@@ -111,8 +111,11 @@ def test_flat_tensors_round_trip_every_dtype_and_shape():
     layout = FlatTensors(tensors)
     flats = layout.gather(tensors)
     assert [f.dtype for f in flats] == list(dict.fromkeys(t.dtype for t in tensors))  # one buffer per dtype
-    assert sum(f.numel() for f in flats) == sum(t.numel() for t in tensors)
     back = layout.views(flats)
+    for b in back:  # every tensor starts 16-byte aligned in its buffer (the compiled step copies misaligned inputs)
+        assert (b.data_ptr() - flats[[f.dtype for f in flats].index(b.dtype)].data_ptr()) % 16 == 0
+    sizes = {f.dtype: f.numel() for f in flats}  # padding only between tensors, to the next 16 bytes
+    assert sizes[torch.int64] == 2 + 1 and sizes[torch.uint8] == 16 + 7 and sizes[torch.bool] == 3
     assert all(b.dtype == t.dtype and b.shape == t.shape and torch.equal(b, t) for b, t in zip(back, tensors))
     kept = [t.clone() for t in tensors]
     for f in flats:

@@ -310,3 +310,47 @@ def test_opcheck(kernel_device, m, n, k, gs):
     gy = torch.randn((2, m, n), generator=g).to(kernel_device)
     torch.library.opcheck(torch.ops.arbfn.linear_fwd.default, (x, p, e, k, gs))
     torch.library.opcheck(torch.ops.arbfn.linear_bwd_x.default, (gy, p, e, k, gs))
+
+
+class _OpCounts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the arbfn ops a block of code dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith("arbfn."):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows", [linear.GEMV_MAX_M, 7])
+def test_training_decodes_once_per_step(kernel_device, rows):
+    """Above GEMV_MAX_M rows, a forward that takes gradients decodes W once and its backward reuses it (no
+    ``linear_bwd_x``), with the gradients and output of the two-decode path bit for bit; at or below it, and
+    without gradients, the forward op runs as before."""
+    g = torch.Generator().manual_seed(rows)
+    n, k, gs = 9, 23, 4
+    p = pack_reference(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)).to(kernel_device)
+    e = torch.randint(-3, 2, (n, n_groups(k, gs)), generator=g, dtype=torch.int8).to(kernel_device)
+    x = torch.randn((rows, k), generator=g).to(kernel_device)
+    gy = torch.randn((rows, n), generator=g).to(kernel_device)
+
+    def grads(fn):
+        xr, probe = x.clone().requires_grad_(), torch.zeros((), device=kernel_device).expand(n, k).requires_grad_()
+        with _OpCounts() as ops:
+            y = fn(xr, p, e, probe, k, gs)
+            gx, gp = torch.autograd.grad((y * gy).sum(), [xr, probe])
+        return y.detach(), gx, gp, ops.counts
+
+    y, gx, gp, counts = grads(ternary_linear)
+    y2, gx2, gp2, counts2 = grads(linear._TernaryLinear.apply)
+    assert counts2 == {"arbfn.linear_fwd": 1, "arbfn.linear_bwd_x": 1}
+    assert counts == (counts2 if rows <= linear.GEMV_MAX_M else {"arbfn.decode": 1})
+    for a, b in ((y, y2), (gx, gx2), (gp, gp2)):
+        assert torch.equal(a, b)
+    with torch.no_grad(), _OpCounts() as ops:
+        assert torch.equal(ternary_linear(x, p, e, None, k, gs), y)
+    assert ops.counts == {"arbfn.linear_fwd": 1}

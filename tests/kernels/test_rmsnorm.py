@@ -143,6 +143,26 @@ def test_wide_rows(kernel_device, d):
         assert_rel(a, b, REL_TRITON, "bwd")
 
 
+@pytest.mark.parametrize("programs", [1, 2, 3])
+def test_backward_programs_loop_over_row_blocks(kernel_device, monkeypatch, programs):
+    """Capped at ``BWD_PROGRAMS`` programs, each walks several row blocks (the last past the rows) and sums its
+    own dL/dgain partial: the same gradients as one block per program."""
+    import kernels.rmsnorm as rmsnorm
+
+    g = torch.Generator().manual_seed(programs)
+    d, rows = 20, 5 * 16 + 3  # 16 rows a block at D 20: six blocks, the last one partial
+    p = pack_reference(torch.randint(-1, 2, (1, d), generator=g, dtype=torch.int8))
+    e = torch.randint(-2, 2, (1, n_groups(d, 4)), generator=g, dtype=torch.int8)
+    x, gy = torch.randn((rows, d), generator=g), torch.randn((rows, d), generator=g)
+    args = gy.to(kernel_device), x.to(kernel_device), p.to(kernel_device), e.to(kernel_device), 1e-6, 4
+    one_block_each = rmsnorm_bwd_triton(*args)
+    monkeypatch.setattr(rmsnorm, "BWD_PROGRAMS", programs)
+    looped = rmsnorm_bwd_triton(*args)
+    assert torch.equal(looped[0], one_block_each[0])
+    for a, b in zip(looped, rmsnorm_bwd_reference(gy, x, p, e, 1e-6, 4)):
+        assert_rel(a, b, REL_TRITON, "bwd")
+
+
 def test_triton_refuses_too_wide_rows(kernel_device):
     d = 8193
     p = pack_reference(torch.ones((1, d), dtype=torch.int8)).to(kernel_device)
