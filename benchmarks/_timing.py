@@ -60,6 +60,20 @@ def sync_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, rep
     return statistics.median(timed() for _ in range(reps))
 
 
+def back_to_back_ms(fn: Callable[[], object], device: torch.device, reps: int = 10) -> float:
+    """Mean time of ``fn()`` in ms over ``reps`` calls with one device sync at the end, as a train loop that
+    reads its metrics every few steps runs them: host work of one call may overlap the device work of the last."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)

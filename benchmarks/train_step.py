@@ -2,6 +2,8 @@
 counters) eager, compiled and (CUDA) compiled and replayed as one CUDA graph, for the whole preset and for its
 byte path, against the float twin of the byte path (same architecture, nn.Linear + AdamW under bf16 autocast,
 eager and under torch.compile), with peak device memory and the persistent state bytes per logical weight.
+Each step is timed synced one by one (host work in front of the device's shows) and back to back with one sync
+(as a loop that reads its metrics every few steps runs: host work overlaps the device work before it).
 
     python -m benchmarks.train_step [--device cuda] [--preset small] [--batch 16] [--context 256]
                                     [--matmul-precision highest|high] [--layouts stochastic,annealed,nibble]
@@ -27,7 +29,7 @@ from arbfn.model import State, init_model
 from arbfn.ternary import to_device
 from arbfn.train import train_step
 from arbfn.twin import FloatTwin, twin_loss
-from benchmarks._timing import describe, format_table, sync_ms
+from benchmarks._timing import back_to_back_ms, describe, format_table, sync_ms
 
 
 def ternary_state(cfg: Config, device: torch.device) -> State:
@@ -36,13 +38,15 @@ def ternary_state(cfg: Config, device: torch.device) -> State:
     return State(to_device(s.params, device), s.step.to(device), s.config)
 
 
-def measure(fn: Callable[[], object], device: torch.device, reps: int = 8) -> tuple[float, float]:
-    """(median ms of ``reps`` synced steps, peak device memory in MB during them; 0 on CPU)."""
+def measure(fn: Callable[[], object], device: torch.device, reps: int = 8) -> tuple[float, float, float]:
+    """(median ms of ``reps`` steps with a sync after each, mean ms of ``reps`` steps back to back with one sync,
+    peak device memory in MB during them; 0 on CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = sync_ms(fn, device, warmup=2, reps=reps)
+    pipelined = back_to_back_ms(fn, device, reps)
     peak = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else 0.0
-    return ms, peak
+    return ms, pipelined, peak
 
 
 def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.device,
@@ -58,8 +62,8 @@ def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.devic
     for kind, step in ((k, steps[k]) for k in kinds if k != "CUDA graph" or device.type == "cuda"):
         def run() -> None:
             box["state"], _ = step(box["state"], ids)
-        ms, peak = measure(run, device, reps)
-        rows.append([f"ternary {label}, {kind}", ms, ids.numel() / ms * 1e3, peak, report["ternary_weights"],
+        ms, pipelined, peak = measure(run, device, reps)
+        rows.append([f"ternary {label}, {kind}", ms, pipelined, ids.numel() / ms * 1e3, peak, report["ternary_weights"],
                      f"{report['bytes_per_weight']:.3f}"])
     return rows
 
@@ -95,8 +99,8 @@ def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device, reps: int = 
         run, model = twin_step(cfg, ids, device, kind)
         n = sum(p.numel() for p in model.parameters())
         state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())  # weights + 2 Adam moments
-        ms, peak = measure(run, device, reps)
-        rows.append([f"float twin byte path, bf16 autocast + AdamW, {kind}", ms, ids.numel() / ms * 1e3, peak, n,
+        ms, pipelined, peak = measure(run, device, reps)
+        rows.append([f"float twin byte path, bf16 autocast + AdamW, {kind}", ms, pipelined, ids.numel() / ms * 1e3, peak, n,
                      f"{state_bytes / n:.3f}"])
     return rows
 
@@ -163,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {describe(device)}; preset {args.preset}; batch [{args.batch}, {args.context}]; "
           f"MoE dense dispatch up to {cfg.model.moe.dense_limit} tokens; "
           f"fp32 matmul precision {args.matmul_precision}; ternary activations {args.compute_dtype}")
-    print(format_table(["step", "ms", "tokens/s", "peak MB", "weights", "state B/weight"], rows))
+    print(format_table(["step", "ms", "ms back to back", "tokens/s", "peak MB", "weights", "state B/weight"], rows))
+    print("ms: median of steps synced one by one; back to back: the mean with one sync after all of them; "
+          "tokens/s from ms")
 
 
 if __name__ == "__main__":
