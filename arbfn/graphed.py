@@ -14,7 +14,9 @@ small byte path's state has 236 tensors); the returned tensors are views into th
 A train loop passes each call the state the call before returned. So the graph ends by copying its new state
 into its own state input as well (a few copies on the device), and a call whose state is exactly the one the
 last call returned (the same tensors, not written in place since: their version counters say so) copies only
-its batch in. On the H200 the host spent 1.4 ms per call on the copy in (benchmarks/RESULTS.md). One graph is
+its batch in. When it is the very State object, unchanged (State and TernaryWeight are frozen, so its dicts and
+lists are checked item by item), the call does not even flatten it: that flatten was the largest host cost in
+front of each replay. On the H200 the host spent 1.4 ms per call on the copy in (benchmarks/RESULTS.md). One graph is
 captured per input structure (the pytree layout and every tensor's shape, dtype and device); the first call
 of a structure runs three warm-up steps first (compiles, cuBLAS workspaces, Triton autotuning happen there,
 outside the capture).
@@ -37,6 +39,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from arbfn.config import Config
 from arbfn.model import State
+from arbfn.ternary import TernaryWeight
 from arbfn.objective import as_batch
 
 Step = Callable[[State, Any], tuple[State, dict[str, torch.Tensor]]]
@@ -198,24 +201,76 @@ class _Captured:
         return new_state, self.metrics_out.tree([flat.clone() for flat in self.flat_metrics])[0], tensors
 
 
-class _Returned:
-    """The state a resident graph returned last: its tensors and their version counters (an in-place write to any
-    of them, or to a view of the same buffer, bumps the counter)."""
+def _containers(tree: Any) -> list[tuple[Any, tuple]] | None:
+    """Every dict and list in ``tree`` with its items now, or None where ``tree`` holds a node of another type
+    (only a full flatten can tell whether such a tree changed). Tensors, None and the frozen TernaryWeights
+    are leaves here: their tensors' writes show in their version counters."""
+    found, todo = [], [tree]
+    while todo:
+        x = todo.pop()
+        if type(x) is dict:
+            items = tuple(x.items())
+            todo.extend(v for _, v in items)
+        elif type(x) is list:
+            items = tuple(x)
+            todo.extend(items)
+        elif type(x) is tuple:  # immutable itself: only what it holds can change
+            todo.extend(x)
+            continue
+        elif isinstance(x, (torch.Tensor, TernaryWeight)) or x is None:
+            continue
+        else:
+            return None
+        found.append((x, items))
+    return found
 
-    def __init__(self, captured: _Captured, tensors: list[torch.Tensor]) -> None:
+
+def _unchanged(containers: list[tuple[Any, tuple]]) -> bool:
+    """Whether every container :func:`_containers` listed still holds the very same items (keys equal, values
+    identical), in the same order."""
+    for container, items in containers:
+        now = tuple(container.items()) if type(container) is dict else tuple(container)
+        if len(now) != len(items):
+            return False
+        if type(container) is dict:
+            if any(k != k0 or v is not v0 for (k, v), (k0, v0) in zip(now, items)):
+                return False
+        elif any(v is not v0 for v, v0 in zip(now, items)):
+            return False
+    return True
+
+
+class _Returned:
+    """The state a resident graph returned last: the State itself, its containers' items, its tensors and their
+    version counters (an in-place write to any of them, or to a view of the same buffer, bumps the counter)."""
+
+    def __init__(self, captured: _Captured, state: State, tensors: list[torch.Tensor]) -> None:
         self.captured = captured
+        self.state = state
+        self.containers = _containers(state.params)
         self.tensors = tensors
         self.versions = [t._version for t in self.tensors]
 
-    def holds(self, spec: pytree.TreeSpec, state: list[torch.Tensor], batch_spec: pytree.TreeSpec,
-              batch: list[torch.Tensor]) -> bool:
-        """Whether a call on (state, batch) may skip copying its state in: the state is this one, untouched (same
-        tree, the very tensors, no write since), and the batch fits the same graph."""
+    def _unwritten(self, tensors: list[torch.Tensor]) -> bool:
+        return all(t._version == v for t, v in zip(tensors, self.versions))
+
+    def fits_batch(self, batch_spec: pytree.TreeSpec, batch: list[torch.Tensor]) -> bool:
+        """Whether a batch with tree ``batch_spec`` and tensor leaves ``batch`` fits the same graph."""
         cap = self.captured
-        return (len(state) == len(self.tensors) and all(a is b for a, b in zip(state, self.tensors))
-                and all(t._version == v for t, v in zip(state, self.versions)) and spec == cap.state_in.spec
-                and batch_spec == cap.batch_in.spec and [(t.shape, t.dtype) for t in batch] == cap.batch_in.layout.specs
+        return (batch_spec == cap.batch_in.spec and [(t.shape, t.dtype) for t in batch] == cap.batch_in.layout.specs
                 and all(t.device == cap.device for t in batch))
+
+    def is_this(self, state: State) -> bool:
+        """Whether ``state`` is the very State returned, its dicts and lists unchanged and its tensors unwritten:
+        no flatten needed (a State and its TernaryWeights are frozen; only dicts and lists can change)."""
+        return (state is self.state and self.containers is not None and _unchanged(self.containers)
+                and self._unwritten(self.tensors))
+
+    def holds(self, spec: pytree.TreeSpec, state: list[torch.Tensor]) -> bool:
+        """Whether a state with tree ``spec`` and tensor leaves ``state`` is this one: the same tree, the very
+        tensors, no write since (a new State object around the returned parts, say)."""
+        return (len(state) == len(self.tensors) and all(a is b for a, b in zip(state, self.tensors))
+                and self._unwritten(state) and spec == self.captured.state_in.spec)
 
 
 class GraphedTrainStep:
@@ -240,11 +295,15 @@ class GraphedTrainStep:
     def __call__(self, state: State, batch: Any) -> tuple[State, dict[str, torch.Tensor]]:
         if self.cfg.model != state.config:
             raise ValueError("GraphedTrainStep: the state's model config differs from the step's")
-        state_leaves, spec = pytree.tree_flatten(state)
         batch_leaves, batch_spec = pytree.tree_flatten(batch)
-        state_tensors, batch_tensors = _tensors(state_leaves), _tensors(batch_leaves)
+        batch_tensors = _tensors(batch_leaves)
         returned = self._returned
-        if returned is not None and returned.holds(spec, state_tensors, batch_spec, batch_tensors):
+        resume = returned is not None and returned.fits_batch(batch_spec, batch_tensors)
+        if resume and returned.is_this(state):  # the common loop: no flatten of the state at all
+            return self._remember(returned.captured, None, batch_tensors)
+        state_leaves, spec = pytree.tree_flatten(state)
+        state_tensors = _tensors(state_leaves)
+        if resume and returned.holds(spec, state_tensors):
             return self._remember(returned.captured, None, batch_tensors)
         moe = self.cfg.model.moe
         tokens = as_batch(batch)["bytes"].numel()
@@ -265,5 +324,5 @@ class GraphedTrainStep:
                   ) -> tuple[State, dict[str, torch.Tensor]]:
         """Replay ``captured``; keep what it returned where the next call may start from it."""
         new_state, metrics, tensors = captured(state, batch)
-        self._returned = _Returned(captured, tensors) if captured.resident else None
+        self._returned = _Returned(captured, new_state, tensors) if captured.resident else None
         return new_state, metrics

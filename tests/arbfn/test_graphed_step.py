@@ -12,7 +12,7 @@ from arbfn.compiled import CompiledTrainStep
 from arbfn.config import UpdateConfig, preset
 from arbfn.graphed import GraphedTrainStep
 from arbfn.model import State, init_model
-from arbfn.ternary import to_device, weights
+from arbfn.ternary import TernaryWeight, to_device, weights
 from tests.arbfn.test_compiled_step import differing_elements, same_step
 
 CFG = dataclasses.replace(preset("tiny"), update=UpdateConfig(flip_threshold=1, exp_threshold=1))  # every vote acts
@@ -98,6 +98,12 @@ def test_a_returned_state_skips_the_copy_in_unless_written_or_stale():
     w.packed[0, 0] = (w.packed[0, 0] + 1) % 243  # written in place after it was returned
     same_step(compiled(s3, b1), graphed(s3, b1), n_weights)
     assert copies == [1, 1, 1]
+    s4 = graphed(s3, b2)[0]
+    block = s4.params["blocks"][0]
+    name = next(k for k, v in block.items() if isinstance(v, TernaryWeight))
+    block[name] = dataclasses.replace(block[name], exp=block[name].exp - 1)  # a weight swapped in its dict
+    same_step(compiled(s4, b3), graphed(s4, b3), n_weights)
+    assert copies == [1, 1, 1, 1]
 
 
 def test_flat_tensors_round_trip_every_dtype_and_shape():
@@ -129,3 +135,37 @@ def test_flat_tensors_round_trip_every_dtype_and_shape():
         layout.gather(tensors[:-1] + [torch.zeros(5, dtype=torch.float32)])
     with pytest.raises(ValueError, match="differ from the layout"):
         layout.gather(tensors[:1] + [tensors[1].reshape(5, 3)] + tensors[2:])  # same bytes, another shape
+
+
+def test_the_returned_state_check_sees_every_change():
+    """The no-flatten check of a returned State: the very object, its dicts and lists holding the same items, its
+    tensors unwritten. Any swap, insertion, removal or in-place write fails it; a node type it cannot walk turns
+    it off."""
+    from arbfn.graphed import _Returned, _tensors
+    import torch.utils._pytree as pytree
+
+    state = init_model(CFG, torch.Generator().manual_seed(0))
+    returned = _Returned(None, state, _tensors(pytree.tree_leaves(state)))
+    assert returned.is_this(state)
+    assert not returned.is_this(State(state.params, state.step, state.config))  # the same parts, another State
+    block = state.params["blocks"][0]
+    name = next(k for k, v in block.items() if isinstance(v, TernaryWeight))
+    kept = block[name]
+    block[name] = dataclasses.replace(kept)
+    assert not returned.is_this(state)
+    block[name] = kept
+    assert returned.is_this(state)
+    block["extra"] = None
+    assert not returned.is_this(state)
+    del block["extra"]
+    assert returned.is_this(state)
+    blocks = state.params["blocks"]
+    blocks.append(blocks.pop())  # the same items, the same order
+    assert returned.is_this(state)
+    blocks.reverse()
+    assert not returned.is_this(state) or len(blocks) == 1
+    blocks.reverse()
+    kept.exp.add_(0)  # an in-place write, even one that changes no value
+    assert not returned.is_this(state)
+    odd = State({"x": {1, 2}}, state.step, state.config)  # a set: not a node the check walks
+    assert not _Returned(None, odd, [state.step]).is_this(odd)
