@@ -5,8 +5,7 @@ lookup-table GEMV of kernels/gemv_lut.py for group sizes up to 36, else the grou
 decode W once per call into a transient dense tile (a Triton kernel) and run one matmul, since tensor-core
 GEMMs beat any decode-in-the-loop kernel there (benchmarks/RESULTS.md has both measured).
 
-Ops: ``arbfn::linear_fwd`` (x [..., K] -> y [..., N]), ``arbfn::linear_bwd_x`` (dL/dy -> dL/dx) and
-``arbfn::decode`` (the dense W, which a training forward keeps for its backward: one decode a step, not two).
+Ops: ``arbfn::linear_fwd`` (x [..., K] -> y [..., N]) and ``arbfn::linear_bwd_x`` (dL/dy -> dL/dx).
 The weight-gradient signal ``dL/dW = g.T @ x`` reaches the update through the zero *probe*
 argument of :func:`ternary_linear` (see kernels/__init__.py); it is one dense matmul (cuBLAS on GPU).
 """
@@ -225,23 +224,6 @@ def _(g, packed, exp, k, group_size):
     return g.new_empty((*g.shape[:-1], k))
 
 
-@torch.library.custom_op("arbfn::decode", mutates_args=())
-def decode(packed: torch.Tensor, exp: torch.Tensor, k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The dense ``T * 2**E`` [N, k] for a matmul with ``dtype`` inputs, as ``arbfn::linear_fwd`` multiplies: fp32
-    in the reference (it multiplies in fp32), ``dtype`` from the kernel."""
-    return decode_reference(packed, exp, k, group_size)
-
-
-@decode.register_kernel("cuda")
-def _(packed, exp, k, group_size, dtype):
-    return decode_triton(packed, exp, k, group_size, dtype)
-
-
-@decode.register_fake
-def _(packed, exp, k, group_size, dtype):
-    return packed.new_empty((packed.shape[0], k), dtype=dtype if packed.device.type == "cuda" else torch.float32)
-
-
 torch.library.register_vmap("arbfn::linear_fwd", activation_vmap_rule(linear_fwd))
 torch.library.register_vmap("arbfn::linear_bwd_x", activation_vmap_rule(linear_bwd_x))
 
@@ -274,50 +256,14 @@ class _TernaryLinear(torch.autograd.Function):
 
 def _linear_backward(ctx, g, x, packed, exp):
     grad_x = linear_bwd_x(g, packed, exp, ctx.k, ctx.group_size) if ctx.needs_input_grad[0] else None
-    return grad_x, None, None, _weight_grad(ctx, g, x), None, None
-
-
-class _TernaryLinearDense(torch.autograd.Function):
-    """The training form of :class:`_TernaryLinear` for more than ``GEMV_MAX_M`` rows: W is decoded once in the
-    forward and kept for the backward's ``g @ W`` (one decode a step instead of two), the same products as
-    ``arbfn::linear_fwd`` and ``arbfn::linear_bwd_x`` on each device. Returns (y, the dense W: not differentiable)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, packed, exp, probe, k, group_size):
-        dense = decode(packed, exp, k, group_size, x.dtype)
-        return (x.to(dense.dtype) @ dense.T).to(x.dtype), dense
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, packed, exp, probe, k, group_size = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, output[1])
-        ctx.k = k
-        ctx.probe_dtype = probe.dtype if probe is not None else None
-
-    @staticmethod
-    def backward(ctx, g, _):
-        x, dense = ctx.saved_tensors
-        with torch.no_grad():
-            grad_x = (g.to(dense.dtype) @ dense).to(g.dtype) if ctx.needs_input_grad[0] else None
-            return grad_x, None, None, _weight_grad(ctx, g, x), None, None
-
-
-def _weight_grad(ctx, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """``dL/dW = g.T @ x`` over all leading dims, in the probe's dtype, when the probe takes a gradient."""
-    if not ctx.needs_input_grad[3]:
-        return None
-    return (g.reshape(-1, g.shape[-1]).transpose(0, 1) @ x.reshape(-1, ctx.k)).to(ctx.probe_dtype)
+    grad_w = None
+    if ctx.needs_input_grad[3]:
+        grad_w = (g.reshape(-1, g.shape[-1]).transpose(0, 1) @ x.reshape(-1, ctx.k)).to(ctx.probe_dtype)
+    return grad_x, None, None, grad_w, None, None
 
 
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, probe: torch.Tensor | None,
                    k: int, group_size: int) -> torch.Tensor:
     """Differentiable ternary linear. ``probe`` ([N, k] zeros, usually an expanded 0-stride tensor, or None)
-    receives ``dL/dW`` as its gradient; its values are ignored by the forward. Where a gradient will flow and
-    x has more than ``GEMV_MAX_M`` rows, W is decoded once for the forward and the backward."""
-    training = torch.is_grad_enabled() and (x.requires_grad or (probe is not None and probe.requires_grad))
-    if training and x.numel() > GEMV_MAX_M * k:
-        return _TernaryLinearDense.apply(x, packed, exp, probe, k, group_size)[0]
+    receives ``dL/dW`` as its gradient; its values are ignored by the forward."""
     return _TernaryLinear.apply(x, packed, exp, probe, k, group_size)
