@@ -39,8 +39,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from arbfn.config import Config
 from arbfn.model import State
-from arbfn.ternary import TernaryWeight
 from arbfn.objective import as_batch
+from arbfn.ternary import TernaryWeight
 
 Step = Callable[[State, Any], tuple[State, dict[str, torch.Tensor]]]
 WARMUP_STEPS = 3
@@ -95,7 +95,7 @@ class FlatTensors:
     @staticmethod
     def _pads(dtype: torch.dtype, sizes: list[int]) -> list[int]:
         """Zero elements after each tensor but the last, so that every tensor starts ``ALIGN_BYTES``-aligned."""
-        step = max(1, ALIGN_BYTES // torch.empty(0, dtype=dtype).element_size())
+        step = max(1, ALIGN_BYTES // dtype.itemsize)
         return [-n % step for n in sizes[:-1]]
 
     @staticmethod

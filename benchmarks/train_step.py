@@ -44,9 +44,9 @@ def measure(fn: Callable[[], object], device: torch.device, reps: int = 8) -> tu
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = sync_ms(fn, device, warmup=2, reps=reps)
-    pipelined = back_to_back_ms(fn, device, reps)
+    back_to_back = back_to_back_ms(fn, device, reps)
     peak = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else 0.0
-    return ms, pipelined, peak
+    return ms, back_to_back, peak
 
 
 def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.device,
@@ -62,8 +62,8 @@ def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.devic
     for kind, step in ((k, steps[k]) for k in kinds if k != "CUDA graph" or device.type == "cuda"):
         def run() -> None:
             box["state"], _ = step(box["state"], ids)
-        ms, pipelined, peak = measure(run, device, reps)
-        rows.append([f"ternary {label}, {kind}", ms, pipelined, ids.numel() / ms * 1e3, peak, report["ternary_weights"],
+        ms, back_to_back, peak = measure(run, device, reps)
+        rows.append([f"ternary {label}, {kind}", ms, back_to_back, ids.numel() / ms * 1e3, peak, report["ternary_weights"],
                      f"{report['bytes_per_weight']:.3f}"])
     return rows
 
@@ -99,8 +99,8 @@ def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device, reps: int = 
         run, model = twin_step(cfg, ids, device, kind)
         n = sum(p.numel() for p in model.parameters())
         state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())  # weights + 2 Adam moments
-        ms, pipelined, peak = measure(run, device, reps)
-        rows.append([f"float twin byte path, bf16 autocast + AdamW, {kind}", ms, pipelined, ids.numel() / ms * 1e3, peak, n,
+        ms, back_to_back, peak = measure(run, device, reps)
+        rows.append([f"float twin byte path, bf16 autocast + AdamW, {kind}", ms, back_to_back, ids.numel() / ms * 1e3, peak, n,
                      f"{state_bytes / n:.3f}"])
     return rows
 
