@@ -162,10 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: H100/H200)")
     args = ap.parse_args(argv)
     wanted = [w for w in args.kernels.split(",") if w]
+    chosen = [case for case in cases() if not wanted or any(case.name.startswith(w) for w in wanted)]
+    if not chosen:
+        raise SystemExit(f"--kernels {args.kernels!r} matches none of: {', '.join(c.name for c in cases())}")
     rows = []
-    for case in cases():
-        if wanted and not any(case.name.startswith(w) for w in wanted):
-            continue
+    for case in chosen:
         cubin = compile_cubin(case, args.arch)
         ops = collections.Counter(op for _, op in instructions(cuobjdump(cubin, "-sass"), case.loop))
         total = sum(ops.values())

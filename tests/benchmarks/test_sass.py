@@ -39,3 +39,8 @@ def test_refuses_to_run_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.sass"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode != 0 and "without TRITON_INTERPRET" in proc.stderr
+
+
+def test_a_filter_that_matches_nothing_names_the_kernels():
+    proc = run_tool("--kernels", "update")
+    assert proc.returncode != 0 and "matches none of" in proc.stderr and "fused update (counter)" in proc.stderr
