@@ -201,41 +201,35 @@ class _Captured:
         return new_state, self.metrics_out.tree([flat.clone() for flat in self.flat_metrics])[0], tensors
 
 
-def _containers(tree: Any) -> list[tuple[Any, tuple]] | None:
-    """Every dict and list in ``tree`` with its items now, or None where ``tree`` holds a node of another type
-    (only a full flatten can tell whether such a tree changed). Tensors, None and the frozen TernaryWeights
+def _items(container: dict | list) -> tuple[tuple | None, tuple]:
+    """(a dict's keys or None for a list, the values), in order."""
+    return (tuple(container), tuple(container.values())) if type(container) is dict else (None, tuple(container))
+
+
+def _containers(tree: Any) -> list[tuple[Any, tuple | None, tuple]] | None:
+    """Every dict and list in ``tree`` with its :func:`_items` now, or None where ``tree`` holds a node of another
+    type (only a full flatten can tell whether such a tree changed). Tensors, None and the frozen TernaryWeights
     are leaves here: their tensors' writes show in their version counters."""
     found, todo = [], [tree]
     while todo:
         x = todo.pop()
-        if type(x) is dict:
-            items = tuple(x.items())
-            todo.extend(v for _, v in items)
-        elif type(x) is list:
-            items = tuple(x)
-            todo.extend(items)
+        if type(x) in (dict, list):
+            keys, values = _items(x)
+            found.append((x, keys, values))
+            todo.extend(values)
         elif type(x) is tuple:  # immutable itself: only what it holds can change
             todo.extend(x)
-            continue
-        elif isinstance(x, (torch.Tensor, TernaryWeight)) or x is None:
-            continue
-        else:
+        elif not (isinstance(x, (torch.Tensor, TernaryWeight)) or x is None):
             return None
-        found.append((x, items))
     return found
 
 
-def _unchanged(containers: list[tuple[Any, tuple]]) -> bool:
+def _unchanged(containers: list[tuple[Any, tuple | None, tuple]]) -> bool:
     """Whether every container :func:`_containers` listed still holds the very same items (keys equal, values
     identical), in the same order."""
-    for container, items in containers:
-        now = tuple(container.items()) if type(container) is dict else tuple(container)
-        if len(now) != len(items):
-            return False
-        if type(container) is dict:
-            if any(k != k0 or v is not v0 for (k, v), (k0, v0) in zip(now, items)):
-                return False
-        elif any(v is not v0 for v, v0 in zip(now, items)):
+    for container, keys, values in containers:
+        now_keys, now = _items(container)
+        if now_keys != keys or len(now) != len(values) or any(v is not v0 for v, v0 in zip(now, values)):
             return False
     return True
 

@@ -130,8 +130,9 @@ def rmsnorm_bwd_triton(g: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, e
     if not x2.numel():
         return dx.reshape(x.shape), torch.zeros((1, d), dtype=torch.float32, device=x.device)
     br, bd = _blocks(d)
-    blocks = cdiv(cdiv(m, br), BWD_PROGRAMS)
-    programs = cdiv(cdiv(m, br), blocks)
+    row_blocks = cdiv(m, br)
+    blocks = cdiv(row_blocks, BWD_PROGRAMS)
+    programs = cdiv(row_blocks, blocks)
     partial = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     _rmsnorm_bwd_kernel[(programs,)](g2, x2, packed.contiguous(), exp.contiguous(), dx, partial, m, d,
                                      packed_width(d), n_groups(d, group_size), eps, blocks, GS=group_size,
