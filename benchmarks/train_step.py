@@ -8,6 +8,7 @@ Each step is timed synced one by one (host work in front of the device's shows) 
     python -m benchmarks.train_step [--device cuda] [--preset small] [--batch 16] [--context 256]
                                     [--matmul-precision highest|high] [--layouts stochastic,annealed,nibble]
                                     [--compute-dtype float32|bfloat16] [--reps 8]
+                                    [--kinds eager,compiled,"CUDA graph"]
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from arbfn.twin import FloatTwin, twin_loss
 from benchmarks._timing import back_to_back_ms, describe, format_table, sync_ms
 
 
+STEP_KINDS = ("eager", "compiled", "CUDA graph")
+
+
 def ternary_state(cfg: Config, device: torch.device) -> State:
     """A fresh state of ``cfg`` on ``device``."""
     s = init_model(cfg, torch.Generator().manual_seed(0))
@@ -50,7 +54,7 @@ def measure(fn: Callable[[], object], device: torch.device, reps: int = 8) -> tu
 
 
 def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.device,
-                 kinds: tuple[str, ...] = ("eager", "compiled", "CUDA graph"), reps: int = 8) -> list[list]:
+                 kinds: tuple[str, ...] = STEP_KINDS, reps: int = 8) -> list[list]:
     """Ternary step rows for ``cfg`` (eager, compiled, compiled in a CUDA graph: the last on CUDA only); the
     state advances across the timed steps."""
     box = {"state": ternary_state(cfg, device)}
@@ -68,7 +72,6 @@ def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.devic
     return rows
 
 
-TWIN_KINDS = ("eager", "compiled", "CUDA graph")
 
 
 def twin_step(cfg: Config, ids: torch.Tensor, device: torch.device, kind: str
@@ -91,11 +94,12 @@ def twin_step(cfg: Config, ids: torch.Tensor, device: torch.device, kind: str
     return (capture(run)[0].replay if graphed else run), model
 
 
-def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device, reps: int = 8) -> list[list]:
-    """The float twin's step (fp32 master weights: what a user would run) of every kind in ``TWIN_KINDS`` the
-    device runs (no CUDA graph on CPU)."""
+def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device, reps: int = 8,
+              kinds: tuple[str, ...] = STEP_KINDS) -> list[list]:
+    """The float twin's step (fp32 master weights: what a user would run) of each of ``kinds`` the device runs (no
+    CUDA graph on CPU)."""
     rows = []
-    for kind in TWIN_KINDS if device.type == "cuda" else TWIN_KINDS[:2]:
+    for kind in (k for k in kinds if k != "CUDA graph" or device.type == "cuda"):
         run, model = twin_step(cfg, ids, device, kind)
         n = sum(p.numel() for p in model.parameters())
         state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())  # weights + 2 Adam moments
@@ -154,16 +158,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=8,
                     help="timed steps per row (their median is the row's time; graphed rows move by ~10%% between "
                          "runs at 8)")
+    ap.add_argument("--kinds", default=",".join(STEP_KINDS),
+                    help="comma list of the step kinds to time, ternary and twin alike (the layouts' rows skip "
+                         "eager): " + ", ".join(STEP_KINDS))
     args = ap.parse_args(argv)
     if args.reps < 1:
         raise SystemExit(f"--reps must be >= 1, got {args.reps}")
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or any(k not in STEP_KINDS for k in kinds):
+        raise SystemExit(f"--kinds takes a comma list of {', '.join(STEP_KINDS)}; got {args.kinds!r}")
     cfg, ids, device = step_setup(args)
-    rows = [] if args.skip_full else ternary_rows(cfg, "full model", ids, device, reps=args.reps)
-    rows += ternary_rows(byte_path_config(cfg), "byte path", ids, device, reps=args.reps)
+    rows = [] if args.skip_full else ternary_rows(cfg, "full model", ids, device, kinds, args.reps)
+    rows += ternary_rows(byte_path_config(cfg), "byte path", ids, device, kinds, args.reps)
     for layout in filter(None, args.layouts.split(",")):
         rows += ternary_rows(byte_path_config(with_layout(cfg, layout)), f"byte path, {layout}", ids, device,
-                             kinds=("compiled", "CUDA graph"), reps=args.reps)
-    rows += twin_rows(cfg, ids, device, args.reps)
+                             tuple(k for k in kinds if k != "eager"), args.reps)
+    rows += twin_rows(cfg, ids, device, args.reps, kinds)
     print(f"device: {describe(device)}; preset {args.preset}; batch [{args.batch}, {args.context}]; "
           f"MoE dense dispatch up to {cfg.model.moe.dense_limit} tokens; "
           f"fp32 matmul precision {args.matmul_precision}; ternary activations {args.compute_dtype}")
