@@ -72,8 +72,6 @@ def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.devic
     return rows
 
 
-
-
 def twin_step(cfg: Config, ids: torch.Tensor, device: torch.device, kind: str
               ) -> tuple[Callable[[], None], nn.Module]:
     """(one float-twin AdamW step under bf16 autocast on ``ids``, the twin): ``kind`` is eager, compiled (the model
