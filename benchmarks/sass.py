@@ -151,12 +151,6 @@ def cases() -> list[Case]:
         out.append(Case(f"fused update ({mode})", update._fused_kernel, fused,
                         {"GS": gs, "BLOCK_R": 1, "BLOCK_O": 128, "STOCHASTIC": mode == "stochastic",
                          "NIBBLES": mode == "nibble"}, tuple(range(13)) + (14,), 4, 128 * 8 / 128, "weight"))
-    group = {"table_ptr": "*i64", "owner_ptr": "*i32", **{k: v for k, v in fused.items() if v.startswith("*")},
-             "TH": "i32", "THE": "i32"}
-    for mode in ("counter", "stochastic"):  # the same over a list of weights in one launch (update_group.py)
-        out.append(Case(f"fused group update ({mode})", update._fused_group_kernel, group,
-                        {"GS": gs, "BLOCK_R": 1, "BLOCK_O": 128, "STOCHASTIC": mode == "stochastic", "NIBBLES": False,
-                         "K_ALIGN": 16}, tuple(range(15)), 4, 128 * 8 / 128, "weight"))
     out.append(Case("exponent", update._exp_update_kernel, exp, {"GS": gs, "GS_P2": gs, "BLOCK_Q": 128},
                     (0, 1, 2, 3, 4, 5, 6, 8), 4, 128 * gs / 128, "weight"))
     return out

@@ -455,61 +455,9 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
     (``new_packed_ptr``: 4-byte aligned, already a copy of the old bytes, with room after them). Integer adds
     commute, so the result does not depend on their order; flips are rare, so are the atomics. The programs
     of the last octet block also write each row's padding digits as zero trits."""
-    pid_r, pid_o = tl.program_id(0), tl.program_id(1)
-    _fused_tile(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr, e_accum_ptr, new_packed_ptr,
-                new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr, exp_count_ptr, pid_r, pid_o,
-                pid_r * tl.num_programs(1) + pid_o, pid_o == tl.num_programs(1) - 1, N, K, KB, KT, G, TH, THE,
-                SEED_HI, SEED_LO, GS, BLOCK_R, BLOCK_O, STOCHASTIC, NIBBLES)
-
-
-GROUP_COLUMNS = tl.constexpr(18)
-"""int64 entries per weight in :func:`_fused_group_kernel`'s table: first program, N, K, KB, KT, G, octet blocks,
-the element offsets of packed, t_accum, grad, exp, e_accum, packed', t_accum', exp', e_accum' in their flat
-buffers, seed high and low 16 bits."""
-
-
-@triton.jit(do_not_specialize=["TH", "THE"])
-def _fused_group_kernel(table_ptr, owner_ptr, packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
-                        e_accum_ptr, new_packed_ptr, new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr,
-                        exp_count_ptr, TH, THE, GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
-                        STOCHASTIC: tl.constexpr, NIBBLES: tl.constexpr, K_ALIGN: tl.constexpr):
-    """The fused kernel over a list of weights in one launch (one group size): program ``pid`` reads its weight
-    from ``owner`` (int32 per program), that weight's row of the table (``GROUP_COLUMNS`` int64; every offset a
-    multiple of 16 elements), offsets every pointer by the weight's place in its flat buffer, and runs its tile
-    of that weight; each program's counts go to slot ``pid``. K_ALIGN divides every weight's K (with the aligned
-    offsets, it lets the gradient and counter loads stay vectors)."""
-    pid = tl.program_id(0)
-    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * GROUP_COLUMNS
-    n, kb, kt, g = tl.load(row + 1).to(tl.int32), tl.load(row + 3).to(tl.int32), tl.load(row + 4).to(tl.int32), \
-        tl.load(row + 5).to(tl.int32)
-    k = tl.multiple_of(tl.load(row + 2).to(tl.int32), K_ALIGN)
-    blocks = tl.load(row + 6).to(tl.int32)
-    local = (pid - tl.load(row)).to(tl.int32)
-    pid_r = local // blocks
-    pid_o = local - pid_r * blocks
-    _fused_tile(packed_ptr + _aligned_at(row, 7), t_accum_ptr + _aligned_at(row, 8), grad_ptr + _aligned_at(row, 9),
-                step_ptr, cut_ptr, exp_ptr + _aligned_at(row, 10), e_accum_ptr + _aligned_at(row, 11),
-                new_packed_ptr + _aligned_at(row, 12), new_t_accum_ptr + _aligned_at(row, 13),
-                new_exp_ptr + _aligned_at(row, 14), new_e_accum_ptr + _aligned_at(row, 15), count_ptr, exp_count_ptr,
-                pid_r, pid_o, pid, pid_o == blocks - 1, n, k, kb, kt, g, TH, THE, tl.load(row + 16).to(tl.int32),
-                tl.load(row + 17).to(tl.int32), GS, BLOCK_R, BLOCK_O, STOCHASTIC, NIBBLES)
-
-
-@triton.jit
-def _aligned_at(row, column: tl.constexpr):
-    """Entry ``column`` of a table row: an element offset that is a multiple of 16."""
-    return tl.multiple_of(tl.load(row + column), 16)
-
-
-@triton.jit
-def _fused_tile(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr, e_accum_ptr, new_packed_ptr,
-                new_t_accum_ptr, new_exp_ptr, new_e_accum_ptr, count_ptr, exp_count_ptr, pid_r, pid_o, pid, last_o,
-                N, K, KB, KT, G, TH, THE, SEED_HI, SEED_LO, GS: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_O: tl.constexpr, STOCHASTIC: tl.constexpr, NIBBLES: tl.constexpr):
-    """The fused kernel's work for tile (``pid_r``, ``pid_o``) of one weight, its counts into slot ``pid``;
-    ``last_o``: the tile is in the row's last octet block (it writes the padding digits)."""
     NGB: tl.constexpr = BLOCK_O * 8 // GS  # groups per tile row
     words = new_packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    pid_r, pid_o = tl.program_id(0), tl.program_id(1)
     rn = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rn < N
     octets = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -534,6 +482,7 @@ def _fused_tile(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr, e
     q = rn[:, None] * G + g[None, :]
     qmask = row_ok[:, None] & (g < G)[None, :]
     moved = _move_exponents(score, q, qmask, exp_ptr, e_accum_ptr, new_exp_ptr, new_e_accum_ptr, THE)
+    pid = pid_r * tl.num_programs(1) + pid_o
     tl.store(exp_count_ptr + pid, tl.sum(tl.sum(moved, axis=1), axis=0))
     # flip rule
     if STOCHASTIC:
@@ -574,7 +523,7 @@ def _fused_tile(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr, e
     _add_to_byte(words, rn, q0, 1, d1, row_ok, KB)
     _add_to_byte(words, rn, q0, 2, d2, row_ok, KB)
     tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(up + down, axis=2), axis=1), axis=0))  # 0 where masked (s = a = 0)
-    if last_o:  # padding digits (columns K .. 5 KB - 1, at most 4) of these rows
+    if pid_o == tl.num_programs(1) - 1:  # padding digits (columns K .. 5 KB - 1, at most 4) of these rows
         pc = K + tl.arange(0, 4)
         pmask = row_ok[:, None] & (pc[None, :] < 5 * KB)
         pat = rn[:, None] * KB + pc[None, :] // 5

@@ -3,9 +3,8 @@
 A train step updates every ternary weight (69 on the small byte path). One single-weight op (kernels/update.py)
 per weight costs each weight its own launches: a copy of its packed bytes, a fill of its count buffer, the
 kernel, two count sums; a compiled or CUDA-graph step runs them all. This op takes the lists and returns each
-output as one flat buffer, so on CUDA the step issues a multi-tensor copy per input list (into flat buffers), one
-fill, one launch of the fused kernel for all weights of a group size (each program finds its weight in a small
-table) and two sums: 69 launches of one small weight each left most of the GPU idle.
+output as one flat buffer, so on CUDA the step issues one multi-tensor copy of the packed bytes, one fill, one
+fused kernel per weight (spread over side streams, so that small weights' kernels overlap) and two sums.
 Weight by weight the rule is the single-weight ops', so the results equal theirs bit for bit.
 
     ternary_update_group(packed, exp, t_accum, e_accum, grad, step, cutoff, ks, group_sizes, flip_threshold,
@@ -22,14 +21,15 @@ totals over the list.
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Callable, Sequence
 
 import torch
 
 from kernels._triton import cdiv, check_launchable
-from kernels.packing import n_groups, packed_width
-from kernels.update import (Outputs, _fused_group_kernel, check_stochastic_args, check_update_args, counter_layout,
-                            fuses, launch_update, ternary_update_reference, ternary_update_stochastic_reference)
+from kernels.update import (Outputs, check_stochastic_args, check_update_args, fused_tiles, fuses,
+                            launch_fused_into, launch_update, ternary_update_reference,
+                            ternary_update_stochastic_reference)
 
 FLAT_ALIGN = 16  # bytes: Triton specialises pointers on 16-byte alignment, the fused kernel adds to aligned words
 GroupOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -51,64 +51,28 @@ def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Te
     return [flat[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, like)]
 
 
-GROUP_TILE = (1, 128, 4)  # BLOCK_R, BLOCK_O, num_warps of the one-launch fused kernel: the smallest tile
-_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+LANES = 8  # CUDA streams a group's fused kernels spread over
+_lanes: dict[int, list[torch.cuda.Stream]] = {}
 
 
-def _flat_copy(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """(one buffer holding ``tensors`` at :func:`flat_offsets`, the offsets): one multi-tensor copy."""
-    offsets, total = flat_offsets(tensors)
-    flat = tensors[0].new_empty(total)
-    torch._foreach_copy_([flat[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, tensors)], tensors)
-    return flat, offsets
-
-
-def group_table(rows: list[tuple[int, ...]], blocks: list[int], device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the int64 [weights, GROUP_COLUMNS] table of a launch, the int32 weight of each of its programs: weight j
-    owns ``blocks[j]`` programs), on ``device``. They are kept for the process's life, one pair per distinct
-    content (they depend on shapes and seeds only, so a training run makes a few): a CUDA graph captures a kernel
-    that reads them, and their first use (a warm-up step, before any capture) is the one host-to-device copy."""
-    key = (device, tuple(rows))
-    if key not in _tables:
-        owners = torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32), torch.tensor(blocks))
-        _tables[key] = torch.tensor(rows, dtype=torch.int64).to(device), owners.to(device)
-    return _tables[key]
-
-
-def launch_fused_group(ids: list[int], packed: list[torch.Tensor], exp: list[torch.Tensor],
-                       t_accum: list[torch.Tensor], e_accum: list[torch.Tensor], grad: list[torch.Tensor],
-                       step: torch.Tensor | None, cutoff: torch.Tensor | None, ks: list[int], group_size: int,
-                       flip_threshold: int, exp_threshold: int, counter_bits: int, seeds: list[int],
-                       flats: list[torch.Tensor]) -> torch.Tensor:
-    """The fused kernel for weights ``ids`` (non-empty, all of ``group_size``) in one launch, into their slices of
-    the op's flat outputs ``flats`` (packed' already holding the old bytes); the inputs are first gathered into
-    flat buffers (a multi-tensor copy per list). Returns the int32 [2, programs] flip and move counts."""
-    block_r, block_o, warps = GROUP_TILE
-    stochastic = step is not None
-    pick = lambda ts: [ts[i] for i in ids]
-    in_packed, off_p = _flat_copy(pick(packed))
-    in_t, off_t = _flat_copy(pick(t_accum)) if not stochastic else (in_packed, [0] * len(ids))
-    in_grad, off_g = _flat_copy(pick(grad))
-    in_exp, off_e = _flat_copy(pick(exp))
-    in_b, off_b = _flat_copy(pick(e_accum))
-    out_offsets = [flat_offsets(ts)[0] if ts else [0] * len(packed) for ts in (packed, t_accum, exp, e_accum)]
-    rows, programs = [], []
-    for j, i in enumerate(ids):
-        n, k = packed[i].shape[0], ks[i]
-        blocks = cdiv(cdiv(k, 8), block_o)
-        seed = seeds[i] if stochastic else 0
-        rows.append((sum(programs), n, k, packed_width(k), counter_layout(k, counter_bits)[1], n_groups(k, group_size),
-                     blocks, off_p[j], off_t[j], off_g[j], off_e[j], off_b[j], *(o[i] for o in out_offsets),
-                     seed >> 16, seed & 0xFFFF))
-        programs.append(cdiv(n, block_r) * blocks)
-    counts = torch.zeros((2, sum(programs)), dtype=torch.int32, device=in_packed.device)
-    _fused_group_kernel[(sum(programs),)](
-        *group_table(rows, programs, in_packed.device), in_packed, in_t, in_grad, step, cutoff, in_exp, in_b,
-        flats[0], flats[2] if not stochastic else flats[0], flats[1], flats[3], counts[0], counts[1], flip_threshold,
-        exp_threshold, GS=group_size, BLOCK_R=block_r, BLOCK_O=block_o, STOCHASTIC=stochastic,
-        NIBBLES=not stochastic and counter_bits == 4, K_ALIGN=min(16, min(k & -k for k in pick(ks))), num_warps=warps)
-    return counts
+def run_in_lanes(device: torch.device, launches: list[Callable[[], None]]) -> None:
+    """Run ``launches`` (independent kernel launches) round-robin on LANES side streams forked from the current
+    stream and joined back to it, so they overlap on the GPU (most weights are too small to fill it alone; in a
+    CUDA graph the lanes become parallel branches). On CPU, or for one launch, in order on the current stream."""
+    if device.type != "cuda" or len(launches) < 2:
+        for run in launches:
+            run()
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    lanes = _lanes.setdefault(index, [torch.cuda.Stream(index) for _ in range(LANES)])[:len(launches)]
+    main = torch.cuda.current_stream(index)
+    for lane in lanes:
+        lane.wait_stream(main)
+    for j, run in enumerate(launches):
+        with torch.cuda.stream(lanes[j % len(lanes)]):
+            run()
+    for lane in lanes:
+        main.wait_stream(lane)
 
 
 def check_group_args(packed: list[torch.Tensor], exp: list[torch.Tensor], t_accum: list[torch.Tensor],
@@ -210,9 +174,9 @@ def ternary_update_group_triton(packed: list[torch.Tensor], exp: list[torch.Tens
                                 flip_threshold: int, exp_threshold: int, counter_bits: int,
                                 seeds: list[int]) -> GroupOutputs:
     """The group on the kernels (CUDA, or CPU under the interpreter): the packed bytes copied into their flat
-    buffer at once, then one launch of the fused kernel per group size over all its weights
-    (:func:`launch_fused_group`), the counts summed once per launch; weights of group sizes the fused kernel does
-    not take run the two-kernel update and are copied into place."""
+    buffer at once, then the fused kernel per weight into its slices (spread over :func:`run_in_lanes`' side
+    streams, biggest weights first), the counts summed once; weights of group sizes the fused kernel does not
+    take run the two-kernel update and are copied into place."""
     check_group_args(packed, exp, t_accum, e_accum, grad, step, cutoff, ks, group_sizes, flip_threshold,
                      exp_threshold, counter_bits, seeds)
     contiguous = [[x.contiguous() for x in ts] for ts in (packed, exp, t_accum, e_accum, grad)]
@@ -229,12 +193,20 @@ def ternary_update_group_triton(packed: list[torch.Tensor], exp: list[torch.Tens
                 exp_threshold, counter_bits)
 
     live = [i for i, p in enumerate(packed) if p.shape[0] > 0]
-    flips = torch.zeros((), dtype=torch.int64, device=packed[0].device)
-    moves = flips.clone()
-    for gs in sorted({group_sizes[i] for i in live if fuses(group_sizes[i])}):
-        counts = launch_fused_group([i for i in live if group_sizes[i] == gs], packed, exp, t_accum, e_accum, grad,
-                                    step, cutoff, ks, gs, flip_threshold, exp_threshold, counter_bits, seeds, flats)
-        flips, moves = flips + counts[0].sum(dtype=torch.int64), moves + counts[1].sum(dtype=torch.int64)
+    fused = [i for i in live if fuses(group_sizes[i])]
+    tiles = [fused_tiles(packed[i].shape[0], ks[i]) for i in fused]
+    counts = torch.zeros((2, sum(tiles)), dtype=torch.int32, device=packed[0].device)
+    starts = [0, *accumulate(tiles)]
+
+    def launch(j: int) -> Callable[[], None]:
+        i = fused[j]
+        new_packed, new_exp, new_t_accum, new_e_accum = (v[i] for v in views)
+        return lambda: launch_fused_into(*weight_args(i), new_packed, new_t_accum, new_exp, new_e_accum,
+                                         counts[:, starts[j]:starts[j + 1]])
+
+    biggest_first = sorted(range(len(fused)), key=lambda j: -packed[fused[j]].numel())
+    run_in_lanes(packed[0].device, [launch(j) for j in biggest_first])
+    flips, moves = counts[0].sum(dtype=torch.int64), counts[1].sum(dtype=torch.int64)
     rest = [i for i in live if not fuses(group_sizes[i])]
     if rest:
         more_flips, more_moves = _weight_by_weight(views, rest, lambda i: launch_update(*weight_args(i)),

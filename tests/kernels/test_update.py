@@ -760,35 +760,6 @@ def test_group_matches_the_single_weight_ops(kernel_device, case):
             assert got[j].numel() == total and all(o % FLAT_ALIGN == 0 for o in offsets)
 
 
-@pytest.mark.parametrize("mode", ["counter", "nibble", "stochastic"])
-def test_group_runs_one_launch_per_group_size(kernel_device, monkeypatch, mode):
-    """Weights of several fused group sizes, rows spanning more than one tile of octets (K 1100) and K with
-    little alignment (K 40, 13): one launch per group size, each weight's slice its single-weight update."""
-    import kernels.update_group as update_group
-
-    th, the = (5 if mode == "nibble" else 2), 2
-    shapes = [(3, 1100, 16), (2, 40, 8), (4, 64, 16), (1, 13, 8), (2, 200, 64), (0, 24, 16)]
-    weights = []
-    for j, (n, k, gs) in enumerate(shapes):
-        packed, exp, t_accum, e_accum, grad = make_case(n, k, gs, th, the, "uniform", "edge", "mixed", seed=j)
-        weights.append(((packed, exp, pack_nibbles(t_accum) if mode == "nibble" else t_accum, e_accum, grad), k, gs))
-    stochastic = mode == "stochastic"
-    step = torch.tensor(7) if stochastic else None
-    case = (mode, th, the, weights, step, flip_cutoff(step, 3) if stochastic else None,
-            [1000 * j + 1 for j in range(len(weights))] if stochastic else [])
-    launches, launch = [], update_group.launch_fused_group
-    monkeypatch.setattr(update_group, "launch_fused_group",
-                        lambda ids, *a, **k: launches.append(ids) or launch(ids, *a, **k))
-    args = group_args(case, kernel_device)
-    got = ternary_update_group_triton(*args)
-    assert sorted(map(sorted, launches)) == [[0, 2], [1, 3], [4]]  # the empty weight 5 launches nothing
-    want = single_weight_results(case)
-    assert int(got[4]) == sum(int(w[4]) for w in want) > 0 and int(got[5]) == sum(int(w[5]) for w in want) > 0
-    for j in range(4):  # packed', exp', t_accum' (none when stochastic), e_accum'
-        if args[j]:
-            assert all(torch.equal(a.cpu(), w[j]) for a, w in zip(unflatten(got[j], args[j]), want))
-
-
 def _group_bad_cases() -> list:
     packed, exp, t_accum, e_accum, grad = make_case(3, 12, 4, 8, 8, "uniform", "uniform", "mixed", seed=0)
     step, cutoff = torch.tensor(3), torch.tensor(2**20)
