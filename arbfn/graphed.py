@@ -12,8 +12,7 @@ state (the next replay overwrites only the graph's own buffers). Inputs and outp
 per dtype, so that copy is a cat and a copy in and one clone out per dtype, not one launch per tensor (the
 small byte path's state has 236 tensors); the returned tensors are views into their call's buffers, made in C++.
 A train loop passes each call the state the call before returned. So the graph ends by copying its new state
-into its own state input (one multi-tensor copy on the device, straight into the input's views: a cat per dtype
-into an output buffer and a copy from it took 70 us of the small step on an H200), and a call whose state is exactly the one the
+into its own state input as well (a few copies on the device), and a call whose state is exactly the one the
 last call returned (the same tensors, not written in place since: their version counters say so) copies only
 its batch in. When it is the very State object, unchanged (State and TernaryWeight are frozen, so its dicts and
 lists are checked item by item), the call does not even flatten it: that flatten was the largest host cost in
@@ -165,24 +164,6 @@ class _FlatTree:
                                      self.spec), views
 
 
-def _copy_in_place(into: list[torch.Tensor], new: list[torch.Tensor], buffers: list[torch.Tensor]) -> bool:
-    """Copy each tensor of ``new`` into its view in ``into`` (views of ``buffers``) with one multi-tensor copy,
-    skipping those that already are that view (a part the step returned unchanged), and return True; or copy
-    nothing and return False where some other new tensor lies in ``buffers`` (a copy could then overwrite what a
-    later one reads)."""
-    storages = {b.untyped_storage().data_ptr() for b in buffers}
-    pairs = []
-    for view, t in zip(into, new):
-        if t.data_ptr() == view.data_ptr() and t.stride() == view.stride():
-            continue
-        if t.untyped_storage().data_ptr() in storages:
-            return False
-        pairs.append((view, t))
-    if pairs:
-        torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
-    return True
-
-
 class _Captured:
     """One captured step. State, batch, new state and metrics each sit in flat buffers per dtype. Where the new
     state has the state's layout (a train step's does), the graph ends by copying it into its own state input
@@ -198,14 +179,10 @@ class _Captured:
         def step_into_flat() -> tuple[_FlatTree, _FlatTree, list[torch.Tensor], list[torch.Tensor], bool]:
             new_state, metrics = step(*inputs)
             state_out, metrics_out = _FlatTree(new_state), _FlatTree(metrics)
-            new = _tensors(state_out.leaves)
+            flat_new = state_out.layout.gather(_tensors(state_out.leaves))
             resident = state_out.spec == self.state_in.spec and state_out.layout.specs == self.state_in.layout.specs
-            if resident and _copy_in_place(self.state_in.layout.views(self.flat_state), new, self.flat_state):
-                flat_new = self.flat_state  # the graph's state input now holds the new state: the outputs to copy
-            else:
-                flat_new = state_out.layout.gather(new)
-                for into, out in zip(self.flat_state, flat_new) if resident else ():
-                    into.copy_(out)
+            for into, new in zip(self.flat_state, flat_new) if resident else ():
+                into.copy_(new)
             return state_out, metrics_out, flat_new, metrics_out.layout.gather(_tensors(metrics_out.leaves)), resident
 
         self.graph, (self.state_out, self.metrics_out, self.flat_new, self.flat_metrics, self.resident) = \

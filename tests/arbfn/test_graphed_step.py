@@ -138,30 +138,6 @@ def test_flat_tensors_round_trip_every_dtype_and_shape():
         layout.gather(tensors[:1] + [tensors[1].reshape(5, 3)] + tensors[2:])  # same bytes, another shape
 
 
-def test_copy_in_place_skips_unchanged_views_and_refuses_overlap():
-    """The graph's last copy (new state into its own state input): new tensors land in their views, a part returned
-    unchanged (the very view) is not copied, and a new tensor that lies elsewhere in the buffers refuses the whole
-    copy (a multi-tensor copy could overwrite what it reads later), leaving the buffers as they were."""
-    from arbfn.graphed import FlatTensors, _copy_in_place
-
-    old = [torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.tensor([1, 2, 3], dtype=torch.uint8),
-           torch.ones(4)]
-    layout = FlatTensors(old)
-    flats = layout.gather(old)
-    views = layout.views(flats)
-    new = [views[0] * 10, views[1], torch.full((4,), 7.0)]  # views[1]: returned unchanged
-    assert _copy_in_place(views, new, flats)
-    assert torch.equal(views[0], old[0] * 10) and torch.equal(views[1], old[1]) and torch.equal(views[2], new[2])
-    before = [f.clone() for f in flats]
-    swapped = [views[0], views[1], views[0].reshape(-1)[:4] + 0]  # a fresh tensor: fine
-    assert _copy_in_place(views, swapped, flats)
-    assert torch.equal(views[2], before[0][:4])
-    before = [f.clone() for f in flats]
-    aliased = [torch.zeros(2, 3), views[1], flats[0][:4]]  # another place in the float buffer
-    assert not _copy_in_place(views, aliased, flats)
-    assert all(torch.equal(f, b) for f, b in zip(flats, before))
-
-
 def test_the_returned_state_check_sees_every_change():
     """The no-flatten check of a returned State: the very object, its dicts and lists holding the same items, its
     tensors unwritten. Any swap, insertion, removal or in-place write fails it; a node type it cannot walk turns

@@ -163,17 +163,6 @@ def test_backward_programs_loop_over_row_blocks(kernel_device, monkeypatch, prog
         assert_rel(a, b, REL_TRITON, "bwd")
 
 
-@pytest.mark.parametrize("p, d", [(1, 1), (3, 20), (256, 512), (200, 8191), (17, 33)])
-def test_column_sum_of_the_partials(kernel_device, p, d):
-    """The backward's dL/dgain partials [P, D] sum over rows to torch's column sums (all rows, every column)."""
-    from kernels.rmsnorm import column_sum
-
-    partial = torch.randn((p, d), generator=torch.Generator().manual_seed(p * d)).to(kernel_device)
-    got = column_sum(partial)
-    assert got.shape == (1, d) and got.dtype == torch.float32
-    torch.testing.assert_close(got, partial.sum(0, keepdim=True), rtol=1e-5, atol=1e-5 * p ** 0.5)
-
-
 def test_triton_refuses_too_wide_rows(kernel_device):
     d = 8193
     p = pack_reference(torch.ones((1, d), dtype=torch.int8)).to(kernel_device)
