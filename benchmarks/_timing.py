@@ -45,14 +45,19 @@ def rotating(fn: Callable[..., object], inputs: Sequence[tuple]) -> Callable[[],
     return lambda: fn(*next(it))
 
 
+def device_sync(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def sync_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, reps: int = 10) -> float:
     """Median host time of ``fn()`` in ms with a device sync after each call: for work whose launches depend
     on data (eager halting loops) or that runs a host loop (a train step)."""
     def timed() -> float:
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        device_sync(device)
         return (time.perf_counter() - t0) * 1e3
 
     for _ in range(warmup):
@@ -64,13 +69,11 @@ def back_to_back_ms(fn: Callable[[], object], device: torch.device, reps: int = 
     """Mean time of ``fn()`` in ms over ``reps`` calls with one device sync at the end, as a train loop that
     reads its metrics every few steps runs them: host work of one call may overlap the device work of the last."""
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    device_sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    device_sync(device)
     return (time.perf_counter() - t0) * 1e3 / reps
 
 

@@ -32,6 +32,7 @@ from arbfn.config import preset
 from arbfn.model import init_model
 from arbfn.ternary import to_device, weights
 from arbfn.train import gradient_signals
+from benchmarks._timing import device_sync
 
 MB = 1e6
 
@@ -41,12 +42,10 @@ def _timed(fn, device: torch.device, reps: int) -> float:
     times = []
     for _ in range(reps):
         dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        device_sync(device)
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        device_sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

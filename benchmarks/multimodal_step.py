@@ -27,6 +27,7 @@ from arbfn.model import init_model
 from arbfn.multimodal import featurize, multimodal_config
 from arbfn.ternary import to_device
 from arbfn.train import train_step
+from benchmarks._timing import device_sync
 from sidecars.tiny import TINY_FRAME_SIZE, TINY_IMAGE_SIZE, save_tiny_sidecars
 
 TINY_SIZES = {"image_size": TINY_IMAGE_SIZE, "samples": 4000, "frame_size": TINY_FRAME_SIZE}
@@ -35,12 +36,10 @@ REAL_SIZES = {"image_size": sidecars.vision.IMAGE_SIZE, "samples": 14_400, "fram
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
     """``fn()`` and its wall time in ms, the device synchronised before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    device_sync(device)
     t0 = time.perf_counter()
     out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    device_sync(device)
     return out, (time.perf_counter() - t0) * 1e3
 
 

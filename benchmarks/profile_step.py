@@ -24,7 +24,7 @@ from arbfn.compiled import CompiledTrainStep
 from arbfn.config import Config
 from arbfn.graphed import GraphedTrainStep
 from arbfn.train import apply_update
-from benchmarks._timing import describe, format_table, sync_ms
+from benchmarks._timing import describe, device_sync, format_table, sync_ms
 from benchmarks.train_step import LAYOUTS, add_step_arguments, step_setup, ternary_state, twin_step, with_layout
 
 
@@ -70,8 +70,7 @@ def kernel_table(fn: Callable[[], None], device: torch.device, steps: int, rows:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        device_sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 

@@ -36,6 +36,11 @@ from benchmarks._timing import back_to_back_ms, describe, format_table, sync_ms
 STEP_KINDS = ("eager", "compiled", "CUDA graph")
 
 
+def runnable(kinds: tuple[str, ...], device: torch.device) -> list[str]:
+    """The step kinds of ``kinds`` that run on ``device`` (a CUDA graph only on CUDA)."""
+    return [k for k in kinds if k != "CUDA graph" or device.type == "cuda"]
+
+
 def ternary_state(cfg: Config, device: torch.device) -> State:
     """A fresh state of ``cfg`` on ``device``."""
     s = init_model(cfg, torch.Generator().manual_seed(0))
@@ -63,7 +68,7 @@ def ternary_rows(cfg: Config, label: str, ids: torch.Tensor, device: torch.devic
     rows = []
     steps = {"eager": lambda s, b: train_step(s, b, cfg), "compiled": compiled,
              "CUDA graph": GraphedTrainStep(cfg, compiled)}
-    for kind, step in ((k, steps[k]) for k in kinds if k != "CUDA graph" or device.type == "cuda"):
+    for kind, step in ((k, steps[k]) for k in runnable(kinds, device)):
         def run() -> None:
             box["state"], _ = step(box["state"], ids)
         ms, back_to_back, peak = measure(run, device, reps)
@@ -97,7 +102,7 @@ def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device, reps: int = 
     """The float twin's step (fp32 master weights: what a user would run) of each of ``kinds`` the device runs (no
     CUDA graph on CPU)."""
     rows = []
-    for kind in (k for k in kinds if k != "CUDA graph" or device.type == "cuda"):
+    for kind in runnable(kinds, device):
         run, model = twin_step(cfg, ids, device, kind)
         n = sum(p.numel() for p in model.parameters())
         state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())  # weights + 2 Adam moments
