@@ -265,5 +265,12 @@ def _linear_backward(ctx, g, x, packed, exp):
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, exp: torch.Tensor, probe: torch.Tensor | None,
                    k: int, group_size: int) -> torch.Tensor:
     """Differentiable ternary linear. ``probe`` ([N, k] zeros, usually an expanded 0-stride tensor, or None)
-    receives ``dL/dW`` as its gradient; its values are ignored by the forward."""
-    return _TernaryLinear.apply(x, packed, exp, probe, k, group_size)
+    receives ``dL/dW`` as its gradient; its values are ignored by the forward.
+
+    The Function sees x as [rows, k]: saved 3-D and reshaped in its backward, x made Inductor write the
+    producing kernel's output twice (once for the op, once for the saved view; the MLP's GELU took 2x the
+    float twin's)."""
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"ternary_linear expects x [..., {k}], got shape {tuple(x.shape)}")
+    y = _TernaryLinear.apply(x.reshape(-1, k), packed, exp, probe, k, group_size)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -14,6 +14,7 @@ Runs on the kernel device: CPU here (the ops dispatch to their references), CUDA
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
+from torch._inductor.utils import run_and_get_code
 
 from kernels.linear import ternary_linear
 from kernels.packing import decode_reference, n_groups, pack_reference
@@ -216,6 +218,38 @@ def test_compile_fullgraph_forward_and_backward(case, fresh_dynamo):
     # a compiled forward alone
     assert_same(torch.compile(lambda x: model(case, case.probes(), x), fullgraph=True)(case.xb),
                 model(case, case.probes(), case.xb))
+
+
+def stored_twice(code: str) -> list[str]:
+    """Kernels of Inductor's ``code`` (Triton or C++) that store one value into two output buffers."""
+    found = []
+    for kernel in re.split(r"\n(?=(?:triton|cpp)_\w+ = async_compile)", code):
+        stores = re.findall(r"tl\.store\((\w+) \+ [^\n]*?, (tmp\d+)", kernel)
+        stores += [(out, tmp) for tmp, out in re.findall(r"(tmp\d+)\.store\((\w+)", kernel)]
+        stores += re.findall(r"(out_ptr\d+)\[[^\n]*?\] = (tmp\d+);", kernel)
+        outputs: dict[str, set[str]] = {}
+        for out, tmp in stores:
+            outputs.setdefault(tmp, set()).add(out)
+        if any(len(o) > 1 for o in outputs.values()):
+            found.append(kernel.split(" = ", 1)[0].strip())
+    return found
+
+
+@pytest.mark.slow
+def test_compiled_activations_are_written_once(case, fresh_dynamo):
+    """The activation between the layers, [B, M, K] and saved for the backward, is stored once: with the Function
+    taking it 3-D (and its backward reshaping it), Inductor wrote it twice, once for the op and once for the
+    saved view (the small MLP's GELU took twice the float twin's time on the H200)."""
+    compiled = torch.compile(lambda p, x: loss_fn(case, p, x), fullgraph=True)
+
+    def step():
+        probes = case.probes(requires_grad=True)
+        return torch.autograd.grad(compiled(probes, case.xb), [probes["a"], probes["b"]])
+
+    _, code = run_and_get_code(step)
+    assert len(code) == 2, "expected the forward's and the backward's code"
+    assert any("async_compile" in c for c in code)
+    assert stored_twice("\n".join(code)) == []
 
 
 # ---------------------------------------------------------------- torch.export / AOTInductor
