@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 
 from arbfn.checking import checking_data
 from arbfn.config import Config, ModelConfig
-from arbfn.layers.block import block, init_block
+from arbfn.layers.block import blocks, init_block
 from arbfn.layers.bridge import bridge, init_bridge
 from arbfn.layers.graph import graph, init_graph, update_graph_counters
 from arbfn.layers.heads import init_output_router, init_talker_head, init_video_head, output_router
@@ -170,8 +170,7 @@ def forward(state: State, batch: torch.Tensor, carry: Any = None, fixed_loops: b
     seqs = _sequences(p, cfg, batch, features or {})
     x = torch.cat(list(seqs.values()), dim=1)
     x = x if dtype is None else x.to(dtype)
-    for bp in p["blocks"]:
-        x = block(bp, x, cfg.n_heads)
+    x = blocks(p["blocks"], x, cfg.n_heads)
     if cfg.enable_memory:
         x, carry, mem_aux = memory(p["memory"], x, carry)
         aux["memory_slots"] = mem_aux["slot_indices"]

@@ -1,4 +1,5 @@
-"""Pre-norm causal transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+"""Pre-norm causal transformer blocks: x + attn(norm(x)), then + mlp(norm(x)), each residual add fused into
+the norm that follows it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from arbfn.layers.attention import attention, init_attention
 from arbfn.layers.mlp import init_mlp, mlp
-from arbfn.layers.norm import init_rmsnorm, rmsnorm
+from arbfn.layers.norm import add_rmsnorm, init_rmsnorm, rmsnorm
 
 
 def init_block(d_model: int, d_ff: int, group_size: int, generator: torch.Generator | None) -> dict[str, Any]:
@@ -19,7 +20,15 @@ def init_block(d_model: int, d_ff: int, group_size: int, generator: torch.Genera
             "mlp": init_mlp(d_model, d_ff, group_size, generator)}
 
 
-def block(p: dict[str, Any], x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """One residual block over x [B, T, d_model]."""
-    x = x + attention(p["attn"], rmsnorm(p["norm1"], x), n_heads)
-    return x + mlp(p["mlp"], rmsnorm(p["norm2"], x))
+def blocks(ps: list[dict[str, Any]], x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The residual blocks ``ps`` in order over x [B, T, d_model]. Each add but the last is fused into the next
+    norm (:func:`add_rmsnorm`): one kernel stores the sum and its normalisation, and one returns both gradients."""
+    if not ps:
+        return x
+    y = rmsnorm(ps[0]["norm1"], x)
+    for i, p in enumerate(ps):
+        x, y = add_rmsnorm(p["norm2"], x, attention(p["attn"], y, n_heads))
+        out = mlp(p["mlp"], y)
+        if i + 1 < len(ps):
+            x, y = add_rmsnorm(ps[i + 1]["norm1"], x, out)
+    return x + out
