@@ -104,6 +104,13 @@ def bandwidth_rows(device: torch.device, copy_gbs: float, scale: int) -> list[li
     x = torch.randn(t, d, generator=gen).to(device)
     gp, ge = random_weight(1, d, device, gen)
     add(f"rmsnorm_fwd {t}x{d} fp32", lambda: ops.rmsnorm_fwd(x, gp, ge, 1e-6, GROUP_SIZE), 2 * x.numel() * 4)
+    gx = torch.randn(t, d, generator=gen).to(device)
+    add(f"rmsnorm_bwd {t}x{d} fp32", lambda: ops.rmsnorm_bwd(gx, x, gp, ge, 1e-6, GROUP_SIZE), 3 * x.numel() * 4)
+    xh, rh, gh = (a.to(torch.bfloat16) for a in (x, torch.randn(t, d, generator=gen).to(device), gx))
+    add(f"add_rmsnorm_fwd {t}x{d} bf16", lambda: ops.add_rmsnorm_fwd(xh, rh, gp, ge, 1e-6, GROUP_SIZE),
+        4 * xh.numel() * 2)  # x, r in; h, y out
+    add(f"add_rmsnorm_bwd {t}x{d} bf16", lambda: ops.add_rmsnorm_bwd(gh, rh, xh, gp, ge, 1e-6, GROUP_SIZE),
+        4 * xh.numel() * 2)  # gy, gh, h in; dh out (the partials are under 1 MB)
     n, k = 4096, 4096 * scale
     up, ue = random_weight(n, k, device, gen)
     t_acc = torch.zeros(n, k, dtype=torch.int8, device=device)
