@@ -31,6 +31,7 @@ whose shapes do not depend on the data. CUDA only.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -189,16 +190,17 @@ class _Captured:
             capture(step_into_flat)
 
     def __call__(self, state: list[torch.Tensor] | None, batch: list[torch.Tensor]
-                 ) -> tuple[State, dict[str, torch.Tensor], list[torch.Tensor]]:
+                 ) -> tuple[State, dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Replay on the tensor leaves of the state (None: the graph's state input already holds it) and batch,
-        in pytree order: (new state, metrics, the new state's tensors), as views into fresh copies (the next
-        replay overwrites the graph's own outputs)."""
+        in pytree order: (new state, metrics, the new state's tensors, the flat buffers they view), as views
+        into fresh copies (the next replay overwrites the graph's own outputs)."""
         if state is not None:
             self.state_in.layout.gather(state, out=self.flat_state)
         self.batch_in.layout.gather(batch, out=self.flat_batch)
         self.graph.replay()
-        new_state, tensors = self.state_out.tree([flat.clone() for flat in self.flat_new])
-        return new_state, self.metrics_out.tree([flat.clone() for flat in self.flat_metrics])[0], tensors
+        flats = [flat.clone() for flat in self.flat_new]
+        new_state, tensors = self.state_out.tree(flats)
+        return new_state, self.metrics_out.tree([flat.clone() for flat in self.flat_metrics])[0], tensors, flats
 
 
 def _items(container: dict | list) -> tuple[tuple | None, tuple]:
@@ -226,27 +228,36 @@ def _containers(tree: Any) -> list[tuple[Any, tuple | None, tuple]] | None:
 
 def _unchanged(containers: list[tuple[Any, tuple | None, tuple]]) -> bool:
     """Whether every container :func:`_containers` listed still holds the very same items (keys equal, values
-    identical), in the same order."""
+    identical), in the same order. It runs before every replay, so the comparisons stay in C (``map``)."""
     for container, keys, values in containers:
-        now_keys, now = _items(container)
-        if now_keys != keys or len(now) != len(values) or any(v is not v0 for v, v0 in zip(now, values)):
+        if len(container) != len(values):
+            return False
+        if keys is not None:
+            if tuple(container) != keys:
+                return False
+            container = container.values()
+        if not all(map(operator.is_, container, values)):
             return False
     return True
 
 
 class _Returned:
-    """The state a resident graph returned last: the State itself, its containers' items, its tensors and their
-    version counters (an in-place write to any of them, or to a view of the same buffer, bumps the counter)."""
+    """The state a resident graph returned last: the State itself, its containers' items, its tensors, and the
+    version counters of the flat buffers those tensors view. A view shares its base's counter, so an in-place
+    write to any returned tensor (or to another view of the same buffer) bumps its buffer's: a few counters
+    to check before each replay instead of one per tensor."""
 
-    def __init__(self, captured: _Captured, state: State, tensors: list[torch.Tensor]) -> None:
+    def __init__(self, captured: _Captured, state: State, tensors: list[torch.Tensor],
+                 flats: list[torch.Tensor]) -> None:
         self.captured = captured
         self.state = state
         self.containers = _containers(state.params)
         self.tensors = tensors
-        self.versions = [t._version for t in self.tensors]
+        self.flats = flats
+        self.versions = [f._version for f in flats]
 
-    def _unwritten(self, tensors: list[torch.Tensor]) -> bool:
-        return all(t._version == v for t, v in zip(tensors, self.versions))
+    def _unwritten(self) -> bool:
+        return all(f._version == v for f, v in zip(self.flats, self.versions))
 
     def fits_batch(self, batch_spec: pytree.TreeSpec, batch: list[torch.Tensor]) -> bool:
         """Whether a batch with tree ``batch_spec`` and tensor leaves ``batch`` fits the same graph."""
@@ -258,13 +269,13 @@ class _Returned:
         """Whether ``state`` is the very State returned, its dicts and lists unchanged and its tensors unwritten:
         no flatten needed (a State and its TernaryWeights are frozen; only dicts and lists can change)."""
         return (state is self.state and self.containers is not None and _unchanged(self.containers)
-                and self._unwritten(self.tensors))
+                and self._unwritten())
 
     def holds(self, spec: pytree.TreeSpec, state: list[torch.Tensor]) -> bool:
         """Whether a state with tree ``spec`` and tensor leaves ``state`` is this one: the same tree, the very
         tensors, no write since (a new State object around the returned parts, say)."""
-        return (len(state) == len(self.tensors) and all(a is b for a, b in zip(state, self.tensors))
-                and self._unwritten(state) and spec == self.captured.state_in.spec)
+        return (len(state) == len(self.tensors) and all(map(operator.is_, state, self.tensors))
+                and self._unwritten() and spec == self.captured.state_in.spec)
 
 
 class GraphedTrainStep:
@@ -317,6 +328,6 @@ class GraphedTrainStep:
     def _remember(self, captured: _Captured, state: list[torch.Tensor] | None, batch: list[torch.Tensor]
                   ) -> tuple[State, dict[str, torch.Tensor]]:
         """Replay ``captured``; keep what it returned where the next call may start from it."""
-        new_state, metrics, tensors = captured(state, batch)
-        self._returned = _Returned(captured, new_state, tensors) if captured.resident else None
+        new_state, metrics, tensors, flats = captured(state, batch)
+        self._returned = _Returned(captured, new_state, tensors, flats) if captured.resident else None
         return new_state, metrics

@@ -79,7 +79,7 @@ def _edge_scatter_kernel(h_ptr, gather_ptr, scatter_ptr, dst_ptr, attr_ptr, scor
     deg = tl.maximum(tl.load(indeg_ptr + dst, mask=emask, other=1), 1).to(tl.float32)
     w = w / 127.0 / deg
     rows = tl.load(h_ptr + gat[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.atomic_add(out_ptr + sca[:, None] * D + cols[None, :], rows * w[:, None], mask=mask)
+    tl.atomic_add(out_ptr + sca[:, None] * D + cols[None, :], rows * w[:, None], mask=mask, sem="relaxed")
 
 
 def _edge_scatter_triton(h: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor, dst: torch.Tensor,

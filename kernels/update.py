@@ -433,7 +433,8 @@ def _add_to_byte(words, rn, q0, i: tl.constexpr, delta, row_ok, KB):
     """Atomically add ``delta`` [rows, octets] to byte ``q0 + i`` of each row (an int32 add on its aligned word;
     the byte's final value lies in 0..242, so a carry or borrow between partial adds cancels out)."""
     at = rn[:, None] * KB + q0[None, :] + i
-    tl.atomic_add(words + (at >> 2), delta << ((at & 3) * 8), mask=row_ok[:, None] & (q0[None, :] + i < KB) & (delta != 0))
+    tl.atomic_add(words + (at >> 2), delta << ((at & 3) * 8), mask=row_ok[:, None] & (q0[None, :] + i < KB) & (delta != 0),
+                  sem="relaxed")
 
 
 _FUSED_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_O": o}, num_warps=w)  # one or two octets per thread: few
@@ -529,7 +530,7 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
         pat = rn[:, None] * KB + pc[None, :] // 5
         pbyte = tl.load(packed_ptr + pat, mask=pmask, other=121).to(tl.int32)
         pdelta = -trit_of(pbyte, pc[None, :]) * pow3(pc[None, :] % 5)  # to digit 1: the zero trit
-        tl.atomic_add(words + (pat >> 2), pdelta << ((pat & 3) * 8), mask=pmask & (pdelta != 0))
+        tl.atomic_add(words + (pat >> 2), pdelta << ((pat & 3) * 8), mask=pmask & (pdelta != 0), sem="relaxed")
 
 
 def fuses(group_size: int) -> bool:

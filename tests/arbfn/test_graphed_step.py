@@ -142,11 +142,12 @@ def test_the_returned_state_check_sees_every_change():
     """The no-flatten check of a returned State: the very object, its dicts and lists holding the same items, its
     tensors unwritten. Any swap, insertion, removal or in-place write fails it; a node type it cannot walk turns
     it off."""
-    from arbfn.graphed import _Returned, _tensors
-    import torch.utils._pytree as pytree
+    from arbfn.graphed import _FlatTree, _Returned
 
-    state = init_model(CFG, torch.Generator().manual_seed(0))
-    returned = _Returned(None, state, _tensors(pytree.tree_leaves(state)))
+    tree = _FlatTree(init_model(CFG, torch.Generator().manual_seed(0)))
+    flats = tree.layout.gather([x for x in tree.leaves if isinstance(x, torch.Tensor)])
+    state, tensors = tree.tree(flats)  # as a replay returns it: every tensor a view of a flat buffer
+    returned = _Returned(None, state, tensors, flats)
     assert returned.is_this(state)
     assert not returned.is_this(State(state.params, state.step, state.config))  # the same parts, another State
     block = state.params["blocks"][0]
@@ -166,7 +167,11 @@ def test_the_returned_state_check_sees_every_change():
     blocks.reverse()
     assert not returned.is_this(state) or len(blocks) == 1
     blocks.reverse()
-    kept.exp.add_(0)  # an in-place write, even one that changes no value
+    kept.exp.add_(0)  # an in-place write, even one that changes no value: its buffer's counter moves
     assert not returned.is_this(state)
+    again = _Returned(None, state, tensors, flats)
+    assert again.is_this(state)
+    tensors[-1].detach().mul_(1)  # a write through another view of the same buffer
+    assert not again.is_this(state)
     odd = State({"x": {1, 2}}, state.step, state.config)  # a set: not a node the check walks
-    assert not _Returned(None, odd, [state.step]).is_this(odd)
+    assert not _Returned(None, odd, [state.step], [state.step]).is_this(odd)
