@@ -142,10 +142,10 @@ def test_the_returned_state_check_sees_every_change():
     """The no-flatten check of a returned State: the very object, its dicts and lists holding the same items, its
     tensors unwritten. Any swap, insertion, removal or in-place write fails it; a node type it cannot walk turns
     it off."""
-    from arbfn.graphed import _FlatTree, _Returned
+    from arbfn.graphed import _FlatTree, _Returned, _tensors
 
     tree = _FlatTree(init_model(CFG, torch.Generator().manual_seed(0)))
-    flats = tree.layout.gather([x for x in tree.leaves if isinstance(x, torch.Tensor)])
+    flats = tree.layout.gather(_tensors(tree.leaves))
     state, tensors = tree.tree(flats)  # as a replay returns it: every tensor a view of a flat buffer
     returned = _Returned(None, state, tensors, flats)
     assert returned.is_this(state)
