@@ -6,7 +6,8 @@
 A launch specialises integer arguments divisible by 16 (unless the kernel opts out with ``do_not_specialize``);
 the compile here assumes that for every pointer and the row stride, as the benchmarks' shapes give. A kernel
 without a loop counts its whole SASS; the GEMVs count their main loop's body. ``SHFL`` counts lane exchanges
-(a sign of a layout split across lanes). The counts are static: they predict time only where ``ncu`` shows a
+(a sign of a layout split across lanes); ``MEMBAR`` counts memory fences (an atomic's default ``acq_rel`` order puts
+a GPU-wide one before each atomic: RESULTS.md). The counts are static: they predict time only where ``ncu`` shows a
 kernel bound by instruction issue (RESULTS.md). ``regs`` (registers per thread) bounds occupancy, the other
 limit a lean kernel meets; it comes from this Triton's ``ptxas``, which may differ from the GPU machine's
 (a kernel here at 125 registers took 189 with triton 3.6's).
@@ -172,10 +173,11 @@ def main(argv: list[str] | None = None) -> None:
         total = sum(ops.values())
         top = " ".join(f"{op} {n}" for op, n in ops.most_common(6))
         use = resources(cubin)
-        rows.append([case.name, case.unit, round(total / case.per_thread, 1), ops["SHFL"], ops["LDG"], use["REG"],
-                     use["STACK"], top])
+        rows.append([case.name, case.unit, round(total / case.per_thread, 1), ops["SHFL"], ops["LDG"], ops["MEMBAR"],
+                     use["REG"], use["STACK"], top])
     print(f"SASS for sm_{args.arch}, triton {triton.__version__}, group size 32")
-    print(format_table(["kernel", "per", "SASS per element", "SHFL", "LDG", "regs", "spill B", "most frequent"], rows))
+    print(format_table(["kernel", "per", "SASS per element", "SHFL", "LDG", "MEMBAR", "regs", "spill B", "most frequent"],
+                       rows))
 
 
 if __name__ == "__main__":
