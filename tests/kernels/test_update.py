@@ -88,6 +88,29 @@ def test_triton_matches_reference(kernel_device, case):
                                                      torch.equal(before.isnan(), after.cpu().isnan()))
 
 
+@given(cases(max_n=4), st.integers(0, 2**31 - 1))
+def test_padding_digits_of_any_value_come_out_as_zero_trits(kernel_device, case, salt):
+    """Each row's last byte set to any value 0..242, padding digits (columns k .. 5 KB - 1) included: every flip
+    mode equals the reference, which reads only the k columns, and writes the padding as zero trits (the
+    other tests' inputs come from ``pack_reference``, whose padding is already zero)."""
+    (packed, exp, t_accum, e_accum, grad), k, gs, th, the = case
+    gen = torch.Generator().manual_seed(salt)
+    packed = packed.clone()
+    packed[:, -1] = torch.randint(0, 243, (packed.shape[0],), generator=gen).to(torch.uint8)
+    dev = lambda *xs: [x.to(kernel_device) for x in xs]  # noqa: E731
+    want = ternary_update_reference(packed, exp, t_accum, e_accum, grad, k, gs, th, the)
+    assert_same(ternary_update_triton(*dev(packed, exp, t_accum, e_accum, grad), k, gs, th, the), want)
+    nib = pack_nibbles(t_accum.clamp(-8, 7))
+    want = ternary_update_reference(packed, exp, nib, e_accum, grad, k, gs, min(th, 7), the, counter_bits=4)
+    assert_same(ternary_update_triton(*dev(packed, exp, nib, e_accum, grad), k, gs, min(th, 7), the, counter_bits=4),
+                want)
+    step, cutoff = torch.tensor(salt), torch.tensor(1 << 23)
+    want = ternary_update_stochastic_reference(packed, exp, e_accum, grad, step, cutoff, k, gs, the, salt)
+    got = ternary_update_stochastic_triton(*dev(packed, exp, e_accum, grad, step, cutoff), k, gs, the, salt)
+    assert_same(got, want, STOCHASTIC_OUTPUTS)
+    validate_packed(got[0].cpu(), k)
+
+
 @given(cases(max_n=4, max_k=40), st.sampled_from((torch.float16, torch.bfloat16)))
 def test_half_grads_vote_like_fp32(kernel_device, case, dtype):
     """A half-precision grad votes exactly as its (exact) fp32 upcast, on both implementations."""
