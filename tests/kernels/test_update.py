@@ -97,7 +97,10 @@ def test_padding_digits_of_any_value_come_out_as_zero_trits(kernel_device, case,
     gen = torch.Generator().manual_seed(salt)
     packed = packed.clone()
     packed[:, -1] = torch.randint(0, 243, (packed.shape[0],), generator=gen).to(torch.uint8)
-    dev = lambda *xs: [x.to(kernel_device) for x in xs]  # noqa: E731
+
+    def dev(*xs: torch.Tensor) -> list[torch.Tensor]:
+        return [x.to(kernel_device) for x in xs]
+
     want = ternary_update_reference(packed, exp, t_accum, e_accum, grad, k, gs, th, the)
     assert_same(ternary_update_triton(*dev(packed, exp, t_accum, e_accum, grad), k, gs, th, the), want)
     nib = pack_nibbles(t_accum.clamp(-8, 7))
