@@ -29,6 +29,7 @@ BYTE_PATH = ("text", "blocks", "norm", "head")  # the params areas the twin mirr
 ARCHITECTURE = ("same architecture on both sides: byte path only (text sequencer, causal blocks, RMSNorm, "
                 "byte head); VQ, graph, memory and MoE off")
 BatchHook = Callable[[str, int, torch.Tensor], None]
+StepFn = Callable[[State, torch.Tensor, Config], tuple[State, dict[str, torch.Tensor]]]
 
 
 def byte_path_config(cfg: Config) -> Config:
@@ -45,12 +46,13 @@ def byte_path_weights(state: State) -> int:
 def compare(cfg: Config, corpus: bytes, steps: int | None = None, eval_every: int = 20, lr: float = 3e-3,
             on_batch: BatchHook | None = None,
             on_eval: Callable[[int, float, float], None] | None = None,
-            device: torch.device | str = "cpu") -> dict[str, Any]:
+            device: torch.device | str = "cpu", step_fn: StepFn = train_step) -> dict[str, Any]:
     """Train the byte path of ``cfg`` ternary and float for ``steps`` (default ``cfg.train.steps``) on one
     batch stream on ``device``; held-out bits/byte of both every ``eval_every`` steps, at step 0 and at the end.
 
     ``on_batch(side, step, batch)`` sees each batch as a side trains on it ("ternary" / "float");
-    ``on_eval(step, bpb_ternary, bpb_float)`` sees each evaluation.
+    ``on_eval(step, bpb_ternary, bpb_float)`` sees each evaluation. ``step_fn`` trains the ternary side (default
+    :func:`arbfn.train.train_step`; research rules pass their own, benchmarks/chain_rule.py).
     """
     steps = cfg.train.steps if steps is None else steps
     if steps < 1 or eval_every < 1:
@@ -84,7 +86,7 @@ def compare(cfg: Config, corpus: bytes, steps: int | None = None, eval_every: in
                 on_batch(side, i, batch)
             t0 = time.perf_counter()
             if side == "ternary":
-                state, _ = train_step(state, batch, cfg)
+                state, _ = step_fn(state, batch, cfg)
             else:
                 twin_step(twin, opt, batch)
             if device.type == "cuda":

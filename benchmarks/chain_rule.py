@@ -1,0 +1,200 @@
+"""Research rule for issue 7, in pure torch: each weight a chain of S states, moved by votes with a probability
+proportional to its gradient's magnitude, trained against the float twin by :func:`arbfn.compare.compare`.
+
+    python -m benchmarks.chain_rule [--steps 200] [--settings 6:1:64,6:1:64:frozen,3:0:64] [--seeds 1234] [--json]
+
+A setting is ``states:scale:final[:frozen]``. ``states`` S = 3 * 2**b: three equal levels (read as trits -1, 0,
++1) of 2**b places each, so a weight keeps b bits beside its trit (S 3: none, the counter-free rule; S 6: one bit,
+0.125 bytes/weight). A vote (the sign of -dL/dW) moves the place one step along the chain with probability
+``p * a(step)``: p = |g| / (scale * max |g| of the weight's exponent group) (``scale`` 0: p = 1, every vote
+alike), and a(step) = ``final`` ** -(step / steps) falls geometrically from 1 at step 0 to 1/``final`` at the
+run's end. ``frozen`` leaves the exponents at their initial values (no exponent accumulator needed); otherwise
+they move by the library's rule (``arbfn::ternary_update_group`` with a zero flip cutoff, which moves no trit).
+
+The places live in this script, not in the state, and the draws come from torch's generator: a prototype to
+measure the rule before it gets a layout and a kernel. bytes/weight counts the state as the rule would keep
+it: the audit's bytes, plus b bits per trainable weight, less the exponent accumulators when frozen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from arbfn import data
+from arbfn.audit import audit
+from arbfn.compare import compare
+from arbfn.config import Config, UpdateConfig, preset
+from arbfn.model import State, update_counters
+from arbfn.ternary import TernaryWeight, is_ternary, update_weights
+from arbfn.train import gradient_signals
+from kernels.packing import pack_reference, unpack_reference
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainRule:
+    """One setting: chain length, magnitude scale (0: constant), final rate divisor, frozen exponents."""
+
+    states: int = 6
+    scale: float = 1.0
+    final: float = 64.0
+    frozen: bool = False
+
+    def __post_init__(self) -> None:
+        b = self.place_bits
+        if self.states != 3 * 2**b:
+            raise ValueError(f"states must be 3 * 2**b (3, 6, 12, 24, ...), got {self.states}")
+        if self.scale < 0 or not math.isfinite(self.scale):
+            raise ValueError(f"scale must be finite and >= 0 (0: every vote alike), got {self.scale}")
+        if not (self.final >= 1 and math.isfinite(self.final)):
+            raise ValueError(f"final must be a finite divisor >= 1, got {self.final}")
+
+    @property
+    def place_bits(self) -> int:
+        """Bits each weight keeps beside its trit: log2 of the places per level."""
+        return max(0, (self.states // 3).bit_length() - 1)
+
+
+def parse_setting(text: str) -> ChainRule:
+    """``"states:scale:final[:frozen]"`` as a ChainRule."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "frozen"):
+        raise ValueError(f"a setting is states:scale:final[:frozen], got {text!r}")
+    return ChainRule(int(parts[0]), float(parts[1]), float(parts[2]), len(parts) == 4)
+
+
+def trits_of(places: torch.Tensor, states: int) -> torch.Tensor:
+    """The trit (-1, 0, +1) each place in 0..states-1 reads as: its level among three equal ones."""
+    return places * 3 // states - 1
+
+
+def start_places(trits: torch.Tensor, states: int, generator: torch.Generator) -> torch.Tensor:
+    """Places uniform within each trit's level (int64, the trits' shape)."""
+    per = states // 3
+    offset = torch.randint(0, per, trits.shape, generator=generator)
+    return (trits.to(torch.int64) + 1) * per + offset
+
+
+def move_probability(grad: torch.Tensor, group_size: int, scale: float) -> torch.Tensor:
+    """|g| / (scale * max |g| of its group of ``group_size`` columns), at most 1; all ones for scale 0."""
+    if scale == 0:
+        return torch.ones_like(grad, dtype=torch.float32)
+    a = grad.abs().float()
+    n, k = a.shape
+    top = F.pad(a, (0, -k % group_size)).view(n, -1, group_size).amax(2)
+    top = top.repeat_interleave(group_size, dim=1)[:, :k]
+    return torch.where(top > 0, a / (scale * top), 0.0).clamp(max=1.0)
+
+
+def step_places(places: torch.Tensor, grad: torch.Tensor, p: torch.Tensor, states: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """Each place moved one step along -sign(grad) where a uniform draw falls below ``p``, kept in the chain."""
+    go = torch.rand(grad.shape, generator=generator) < p
+    vote = -torch.sign(grad).to(torch.int64)
+    return (places + vote * go).clamp(0, states - 1)
+
+
+class ChainTrainer:
+    """A ``step_fn`` for :func:`arbfn.compare.compare` that trains the ternary side by a :class:`ChainRule`."""
+
+    def __init__(self, rule: ChainRule, steps: int, seed: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.rule, self.steps = rule, steps
+        self.generator = torch.Generator().manual_seed(seed)
+        self.places: dict[int, torch.Tensor] = {}
+
+    def rate(self, step: int) -> float:
+        """a(step) = final ** -(step / steps): 1 at step 0, falling geometrically to 1/final at the run's end."""
+        return self.rule.final ** -(min(step, self.steps) / self.steps)
+
+    def update_weight(self, number: int, w: TernaryWeight, grad: torch.Tensor, a: float) -> TernaryWeight:
+        """``w`` with its trits read from its chain after one vote."""
+        states = self.rule.states
+        if number not in self.places:
+            self.places[number] = start_places(unpack_reference(w.packed, w.in_features), states, self.generator)
+        p = move_probability(grad, w.group_size, self.rule.scale) * a
+        self.places[number] = step_places(self.places[number], grad, p, states, self.generator)
+        return dataclasses.replace(w, packed=pack_reference(trits_of(self.places[number], states).to(torch.int8)))
+
+    def __call__(self, state: State, batch: torch.Tensor, cfg: Config) -> tuple[State, dict[str, torch.Tensor]]:
+        grads, loss, aux = gradient_signals(state, batch, cfg.train)
+        leaves, spec = pytree.tree_flatten(state.params, is_leaf=is_ternary)
+        grad_leaves = spec.flatten_up_to(grads)
+        at = [i for i, w in enumerate(leaves) if is_ternary(w)]
+        ws = [leaves[i] for i in at]
+        if not self.rule.frozen:  # the library's exponent rule; a zero cutoff moves no trit
+            zero = torch.zeros((), dtype=torch.int64)
+            ws, _, _ = update_weights(ws, [grad_leaves[i] for i in at], 1, cfg.update.exp_threshold, state.step,
+                                      cutoff=zero)
+        a = self.rate(int(state.step))
+        for number, (i, w) in enumerate(zip(at, ws)):
+            g = grad_leaves[i]
+            leaves[i] = w if g is None or not w.trainable else self.update_weight(number, w, g, a)
+        new = update_counters(State(pytree.tree_unflatten(leaves, spec), state.step + 1, state.config), aux)
+        return new, {"loss": loss.detach()}
+
+
+def bytes_per_weight(state: State, rule: ChainRule) -> float:
+    """State bytes per ternary weight as the rule would keep them (module docstring)."""
+    report = audit(state)
+    trained = [w for w in pytree.tree_leaves(state.params, is_leaf=is_ternary) if is_ternary(w) and w.trainable]
+    extra = sum(w.out_features * -(-w.in_features * rule.place_bits // 8) for w in trained)
+    if rule.frozen:
+        extra -= sum(w.e_accum.numel() for w in trained)
+    return (report["state_bytes"] + extra) / report["ternary_weights"]
+
+
+def run(rule: ChainRule, steps: int, seed: int, preset_name: str = "tiny") -> dict:
+    """One compare run of ``rule`` (counter-free state layout, so no flip counters are built)."""
+    cfg = preset(preset_name)
+    cfg = dataclasses.replace(cfg, update=UpdateConfig(flip_mode="stochastic"))
+    captured: list[State] = []
+    trainer = ChainTrainer(rule, steps, seed)
+
+    def step_fn(state: State, batch: torch.Tensor, c: Config) -> tuple[State, dict[str, torch.Tensor]]:
+        out = trainer(state, batch, c)
+        captured[:] = [out[0]]
+        return out
+
+    result = compare(cfg, data.load_corpus(), steps, eval_every=max(1, steps // 4), step_fn=step_fn)
+    return {"rule": dataclasses.asdict(rule), "seed": seed, "steps": steps, "bpb_ternary": result["bpb_ternary"],
+            "bpb_float": result["bpb_float"], "ratio": result["ratio"],
+            "bytes_per_weight": bytes_per_weight(captured[0], rule), "curve": result["curves"]["ternary"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run every setting at every seed, print the table (or JSON lines)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--settings", default="6:1:64,6:1:64:frozen,3:0:64")
+    p.add_argument("--seeds", default="1234", help="comma-separated generator seeds (places and draws)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    a = p.parse_args(argv)
+    rules = [parse_setting(s) for s in a.settings.split(",")]
+    seeds = [int(s) for s in a.seeds.split(",")]
+    if not a.json:
+        print(f"{a.preset} byte path vs float twin, {a.steps} steps, CPU")
+        print("| states | bits beside the trit | scale | final | exponents | seed | bpb ternary | bpb float | ratio "
+              "| bytes/weight |")
+        print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for rule in rules:
+        for seed in seeds:
+            r = run(rule, a.steps, seed, a.preset)
+            if a.json:
+                print(json.dumps(r))
+                continue
+            print(f"| {rule.states} | {rule.place_bits} | {rule.scale:g} | {rule.final:g} | "
+                  f"{'frozen' if rule.frozen else 'moving'} | {seed} | {r['bpb_ternary']:.4f} | {r['bpb_float']:.4f} | "
+                  f"{r['ratio']:.3f} | {r['bytes_per_weight']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
