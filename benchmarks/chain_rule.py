@@ -29,9 +29,9 @@ import torch.utils._pytree as pytree
 
 from arbfn import data
 from arbfn.audit import audit
-from arbfn.compare import compare
+from arbfn.compare import byte_path_config, compare
 from arbfn.config import Config, UpdateConfig, preset
-from arbfn.model import State, update_counters
+from arbfn.model import State, init_model, update_counters
 from arbfn.ternary import TernaryWeight, is_ternary, update_weights
 from arbfn.train import gradient_signals
 from kernels.packing import pack_reference, unpack_reference
@@ -155,18 +155,12 @@ def run(rule: ChainRule, steps: int, seed: int, preset_name: str = "tiny") -> di
     """One compare run of ``rule`` (counter-free state layout, so no flip counters are built)."""
     cfg = preset(preset_name)
     cfg = dataclasses.replace(cfg, update=UpdateConfig(flip_mode="stochastic"))
-    captured: list[State] = []
-    trainer = ChainTrainer(rule, steps, seed)
-
-    def step_fn(state: State, batch: torch.Tensor, c: Config) -> tuple[State, dict[str, torch.Tensor]]:
-        out = trainer(state, batch, c)
-        captured[:] = [out[0]]
-        return out
-
-    result = compare(cfg, data.load_corpus(), steps, eval_every=max(1, steps // 4), step_fn=step_fn)
+    result = compare(cfg, data.load_corpus(), steps, eval_every=max(1, steps // 4),
+                     step_fn=ChainTrainer(rule, steps, seed))
+    layout = init_model(byte_path_config(cfg), torch.Generator().manual_seed(0))  # training keeps the layout
     return {"rule": dataclasses.asdict(rule), "seed": seed, "steps": steps, "bpb_ternary": result["bpb_ternary"],
             "bpb_float": result["bpb_float"], "ratio": result["ratio"],
-            "bytes_per_weight": bytes_per_weight(captured[0], rule), "curve": result["curves"]["ternary"]}
+            "bytes_per_weight": bytes_per_weight(layout, rule), "curve": result["curves"]["ternary"]}
 
 
 def main(argv: list[str] | None = None) -> None:
