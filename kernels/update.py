@@ -296,10 +296,15 @@ def ternary_update_stochastic_reference(packed: torch.Tensor, exp: torch.Tensor,
 
 
 @triton.jit
+def _sign_bits(g):
+    """int32 sign of fp32 ``g`` from its sign bit where ``|g| > 0`` (false for zero and NaN): 0, -1 or +1."""
+    return tl.where(tl.abs(g) > 0.0, (g.to(tl.int32, bitcast=True) >> 31) | 1, 0)
+
+
+@triton.jit
 def _sign_of(grad_ptr, offs, mask):
     """int32 sign of grad (0 for zero, NaN and masked lanes)."""
-    gr = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return (gr > 0.0).to(tl.int32) - (gr < 0.0).to(tl.int32)
+    return _sign_bits(tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32))
 
 
 @triton.jit
@@ -311,7 +316,7 @@ def _octet_signs(grad_ptr, base, row_ok, octets, K, BLOCK_R: tl.constexpr, BLOCK
     lo = tl.load(grad_ptr + base + i, mask=row_ok & (lo_cols < K), other=0.0).to(tl.float32)
     hi = tl.load(grad_ptr + base + 4 + i, mask=row_ok & (lo_cols + 4 < K), other=0.0).to(tl.float32)
     g = tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (BLOCK_R, BLOCK_O, 8))
-    return (g > 0.0).to(tl.int32) - (g < 0.0).to(tl.int32)
+    return _sign_bits(g)
 
 
 @triton.jit
@@ -486,10 +491,10 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
     pid = pid_r * tl.num_programs(1) + pid_o
     tl.store(exp_count_ptr + pid, tl.sum(tl.sum(moved, axis=1), axis=0))
     # flip rule
-    if STOCHASTIC:
+    if STOCHASTIC:  # a drawn vote moves its trit one step, up to the bound: t' = clamp(t - s, -1, 1)
         go = _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs)
-        up = (go & (s < 0) & (t < 1)).to(tl.int32)
-        down = (go & (s > 0) & (t > -1)).to(tl.int32)
+        dt = tl.where(go, tl.minimum(tl.maximum(t - s, -1), 1) - t, 0)
+        changed = dt & 1
     else:
         if NIBBLES:  # counter byte c // 2 of the row: column c in the low nibble for even c, the high for odd
             hcol = octets[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # the octet's four counter bytes
@@ -510,20 +515,21 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
                      mask=row_ok[:, None, None] & (hcol < KT))
         else:
             tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
+        dt, changed = up - down, up + down
     # each octet's flips as deltas of the (at most) three bytes under it: column j of the octet is digit r0 + j
     # of byte q0 when r0 + j < 5, digit r0 + j - 5 of byte q0 + 1 below 10, else digit r0 + j - 10 of q0 + 2
     q0 = octets * 8 // 5
     r0 = octets * 8 - 5 * q0
     # the octet's moves as one integer, sum of moved_j * 3**(r0 + j) = d0 + 243 d1 + 59049 d2 with |d0|, |d1| <=
     # 121: the three byte deltas come back by rounded division (offsets keep the dividends >= 0)
-    total = tl.sum((up - down) * tl.where(j < 5, pow3(j), 243 * pow3(j - 5)), axis=2) * pow3(r0)[None, :]
+    total = tl.sum(dt * tl.where(j < 5, pow3(j), 243 * pow3(j - 5)), axis=2) * pow3(r0)[None, :]
     d2 = (total + (29524 + 5 * 59049)) // 59049 - 5
     rest = total - 59049 * d2
     d1 = (rest + (121 + 121 * 243)) // 243 - 121
     _add_to_byte(words, rn, q0, 0, rest - 243 * d1, row_ok, KB)
     _add_to_byte(words, rn, q0, 1, d1, row_ok, KB)
     _add_to_byte(words, rn, q0, 2, d2, row_ok, KB)
-    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(up + down, axis=2), axis=1), axis=0))  # 0 where masked (s = a = 0)
+    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(changed, axis=2), axis=1), axis=0))  # 0 where masked (s = a = 0)
     if pid_o == tl.num_programs(1) - 1:  # padding digits (columns K .. 5 KB - 1, at most 4) of these rows
         pc = K + tl.arange(0, 4)
         pmask = row_ok[:, None] & (pc[None, :] < 5 * KB)
