@@ -1,7 +1,8 @@
 """Research rule for issue 7, in pure torch: each weight a chain of S states, moved by votes with a probability
 proportional to its gradient's magnitude, trained against the float twin by :func:`arbfn.compare.compare`.
 
-    python -m benchmarks.chain_rule [--steps 200] [--settings 6:1:64,6:1:64:frozen,3:0:64] [--seeds 1234] [--json]
+    python -m benchmarks.chain_rule [--steps 200] [--settings 6:1:64,6:1:64:frozen,3:0:64] [--seeds 1234]
+        [--group-size 64] [--json]
 
 A setting is ``states:scale:final[:frozen]``. ``states`` S = 3 * 2**b: three equal levels (read as trits -1, 0,
 +1) of 2**b places each, so a weight keeps b bits beside its trit (S 3: none, the counter-free rule; S 6: one bit,
@@ -151,14 +152,17 @@ def bytes_per_weight(state: State, rule: ChainRule) -> float:
     return (report["state_bytes"] + extra) / report["ternary_weights"]
 
 
-def run(rule: ChainRule, steps: int, seed: int, preset_name: str = "tiny") -> dict:
-    """One compare run of ``rule`` (counter-free state layout, so no flip counters are built)."""
+def run(rule: ChainRule, steps: int, seed: int, preset_name: str = "tiny", group_size: int | None = None) -> dict:
+    """One compare run of ``rule`` (counter-free state layout, so no flip counters are built); ``group_size``
+    replaces the preset's exponent group size (None keeps it)."""
     cfg = preset(preset_name)
-    cfg = dataclasses.replace(cfg, update=UpdateConfig(flip_mode="stochastic"))
+    model = cfg.model if group_size is None else dataclasses.replace(cfg.model, group_size=group_size)
+    cfg = dataclasses.replace(cfg, model=model, update=UpdateConfig(flip_mode="stochastic"))
     result = compare(cfg, data.load_corpus(), steps, eval_every=max(1, steps // 4),
                      step_fn=ChainTrainer(rule, steps, seed))
     layout = init_model(byte_path_config(cfg), torch.Generator().manual_seed(0))  # training keeps the layout
-    return {"rule": dataclasses.asdict(rule), "seed": seed, "steps": steps, "bpb_ternary": result["bpb_ternary"],
+    return {"rule": dataclasses.asdict(rule), "seed": seed, "steps": steps, "group_size": model.group_size,
+            "bpb_ternary": result["bpb_ternary"],
             "bpb_float": result["bpb_float"], "ratio": result["ratio"],
             "bytes_per_weight": bytes_per_weight(layout, rule), "curve": result["curves"]["ternary"]}
 
@@ -170,23 +174,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--settings", default="6:1:64,6:1:64:frozen,3:0:64")
     p.add_argument("--seeds", default="1234", help="comma-separated generator seeds (places and draws)")
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--group-size", type=int, default=None, help="exponent group size (default: the preset's)")
     p.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
     a = p.parse_args(argv)
     rules = [parse_setting(s) for s in a.settings.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
     if not a.json:
         print(f"{a.preset} byte path vs float twin, {a.steps} steps, CPU")
-        print("| states | bits beside the trit | scale | final | exponents | seed | bpb ternary | bpb float | ratio "
-              "| bytes/weight |")
-        print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+        print("| states | bits beside the trit | scale | final | exponents | group | seed | bpb ternary | bpb float "
+              "| ratio | bytes/weight |")
+        print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for rule in rules:
         for seed in seeds:
-            r = run(rule, a.steps, seed, a.preset)
+            r = run(rule, a.steps, seed, a.preset, a.group_size)
             if a.json:
                 print(json.dumps(r))
                 continue
             print(f"| {rule.states} | {rule.place_bits} | {rule.scale:g} | {rule.final:g} | "
-                  f"{'frozen' if rule.frozen else 'moving'} | {seed} | {r['bpb_ternary']:.4f} | {r['bpb_float']:.4f} | "
+                  f"{'frozen' if rule.frozen else 'moving'} | {r['group_size']} | {seed} | {r['bpb_ternary']:.4f} | {r['bpb_float']:.4f} | "
                   f"{r['ratio']:.3f} | {r['bytes_per_weight']:.3f} |", flush=True)
 
 

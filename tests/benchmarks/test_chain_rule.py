@@ -83,3 +83,10 @@ def test_trainer_trits_are_the_levels_of_its_places():
     for number, places in trainer.places.items():
         w = ws[number]
         assert torch.equal(unpack_reference(w.packed, w.in_features).to(torch.int64), trits_of(places, 6))
+
+
+def test_a_wider_exponent_group_halves_the_exponent_bytes():
+    base, wide = run(ChainRule(6, 1.0, 64.0, True), 1, seed=0), run(ChainRule(6, 1.0, 64.0, True), 1, 0, group_size=64)
+    assert (base["group_size"], wide["group_size"]) == (32, 64)
+    assert wide["bytes_per_weight"] == pytest.approx(base["bytes_per_weight"] - 1 / 64, abs=0.003)  # 1/32 -> 1/64 B
+
