@@ -491,9 +491,9 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
     pid = pid_r * tl.num_programs(1) + pid_o
     tl.store(exp_count_ptr + pid, tl.sum(tl.sum(moved, axis=1), axis=0))
     # flip rule
-    if STOCHASTIC:  # a drawn vote moves its trit one step, up to the bound: t' = clamp(t - s, -1, 1)
+    if STOCHASTIC:  # a drawn vote v = -s moves its trit by v unless the trit already sits at v's bound (t = v)
         go = _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs)
-        dt = tl.where(go, tl.minimum(tl.maximum(t - s, -1), 1) - t, 0)
+        dt = tl.where(go & (t + s != 0), -s, 0)
         changed = dt & 1
     else:
         if NIBBLES:  # counter byte c // 2 of the row: column c in the low nibble for even c, the high for odd
