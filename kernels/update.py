@@ -341,6 +341,23 @@ def _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs):
 
 
 @triton.jit
+def _drawn_move(t, s, go):
+    """The stochastic flip of trits ``t`` by signs ``s`` where ``go``: the vote -s moves the trit one step unless it
+    already sits at that bound (t = -s); -1, 0 or +1 (one compare and a select)."""
+    return tl.where(go & (t + s != 0), -s, 0)
+
+
+@triton.jit
+def _counter_move(t, a, TH):
+    """(move, new counter) of trits ``t`` whose counters, with this step's vote added, are ``a``: a counter clamped
+    to ±TH that reaches a bound moves its trit that way (unless the trit sits there) and restarts at 0."""
+    a = tl.minimum(tl.maximum(a, -TH), TH)
+    full = (a >= TH).to(tl.int32) - (a <= -TH).to(tl.int32)  # a full counter's direction: -1, 0 or +1
+    dt = tl.where(t != full, full, 0)
+    return dt, tl.where(dt != 0, 0, a)
+
+
+@triton.jit
 def _move_exponents(score, q, qmask, exp_ptr, e_accum_ptr, new_exp_ptr, new_e_accum_ptr, THE):
     """The exponent rule for (row, group) indices ``q`` given each group's vote ``score`` (sum of sign * trit):
     writes the new exponents and accumulators; returns 1 where an exponent moved (0 where masked)."""
@@ -402,9 +419,7 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, new_packe
     t = trit_of(byte, cols)
     s = _sign_of(grad_ptr, offs, mask)
     if STOCHASTIC:
-        go = _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs)
-        up = (go & (s < 0) & (t < 1)).to(tl.int32)
-        down = (go & (s > 0) & (t > -1)).to(tl.int32)
+        dt = _drawn_move(t, s, _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs))
     else:
         if NIBBLES:  # counter byte span * 5 + p of the row holds columns 2p, 2p + 1 of the span
             hcol = span[:, None] * 5 + p2
@@ -415,21 +430,18 @@ def _flip_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, new_packe
             a = tl.where(mask, nib - ((nib >> 3) << 4), 0) - s
         else:
             a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
-        a = tl.minimum(tl.maximum(a, -TH), TH)
-        up = ((a >= TH) & (t < 1)).to(tl.int32)
-        down = ((a <= -TH) & (t > -1)).to(tl.int32)
-        a = tl.where(up + down > 0, 0, a)
+        dt, a = _counter_move(t, a, TH)
         if NIBBLES:  # a padding column's a is 0, so its nibble is written 0
             tl.store(new_t_accum_ptr + hoffs, tl.sum((a & 15) << (4 * r), axis=2).to(tl.uint8), mask=hmask)
         else:
             tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
-    place = tl.where(mask, t + up - down + 1, 1) * pow3(d % 5)  # padding trits are written as zero (digit 1)
+    place = tl.where(mask, t + dt + 1, 1) * pow3(d % 5)  # padding trits are written as zero (digit 1)
     first = tl.sum(tl.sum(tl.where(d < 5, place, 0), axis=2), axis=1)
     second = tl.sum(tl.sum(tl.where((d >= 5) & (d < 10), place, 0), axis=2), axis=1)
     b0 = span * 2
     tl.store(new_packed_ptr + row * KB + b0, first.to(tl.uint8), mask=qmask & (b0 < KB))
     tl.store(new_packed_ptr + row * KB + b0 + 1, second.to(tl.uint8), mask=qmask & (b0 + 1 < KB))
-    flips = tl.sum(tl.sum(tl.where(mask, up + down, 0), axis=2), axis=1)
+    flips = tl.sum(tl.sum(dt & 1, axis=2), axis=1)  # |dt|; 0 where masked (s = a = 0)
     tl.store(count_ptr + pid, tl.sum(flips, axis=0))
 
 
@@ -491,10 +503,8 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
     pid = pid_r * tl.num_programs(1) + pid_o
     tl.store(exp_count_ptr + pid, tl.sum(tl.sum(moved, axis=1), axis=0))
     # flip rule
-    if STOCHASTIC:  # a drawn vote v = -s moves its trit by v unless the trit already sits at v's bound (t = v)
-        go = _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs)
-        dt = tl.where(go & (t + s != 0), -s, 0)
-        changed = dt & 1
+    if STOCHASTIC:
+        dt = _drawn_move(t, s, _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs))
     else:
         if NIBBLES:  # counter byte c // 2 of the row: column c in the low nibble for even c, the high for odd
             hcol = octets[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # the octet's four counter bytes
@@ -504,10 +514,7 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
             a = tl.where(mask, nib - ((nib >> 3) << 4), 0) - s
         else:
             a = tl.load(t_accum_ptr + offs, mask=mask, other=0).to(tl.int32) - s
-        a = tl.minimum(tl.maximum(a, -TH), TH)
-        up = ((a >= TH) & (t < 1)).to(tl.int32)
-        down = ((a <= -TH) & (t > -1)).to(tl.int32)
-        a = tl.where(up + down > 0, 0, a)
+        dt, a = _counter_move(t, a, TH)
         if NIBBLES:  # an octet's four counter bytes; a padding column's a is 0, so its nibble is written 0
             a4 = tl.reshape(a & 15, (BLOCK_R, BLOCK_O, 4, 2))
             pairs = tl.sum(a4 << (4 * tl.arange(0, 2)[None, None, None, :]), axis=3)
@@ -515,7 +522,6 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
                      mask=row_ok[:, None, None] & (hcol < KT))
         else:
             tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
-        dt, changed = up - down, up + down
     # each octet's flips as deltas of the (at most) three bytes under it: column j of the octet is digit r0 + j
     # of byte q0 when r0 + j < 5, digit r0 + j - 5 of byte q0 + 1 below 10, else digit r0 + j - 10 of q0 + 2
     q0 = octets * 8 // 5
@@ -529,7 +535,7 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
     _add_to_byte(words, rn, q0, 0, rest - 243 * d1, row_ok, KB)
     _add_to_byte(words, rn, q0, 1, d1, row_ok, KB)
     _add_to_byte(words, rn, q0, 2, d2, row_ok, KB)
-    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(changed, axis=2), axis=1), axis=0))  # 0 where masked (s = a = 0)
+    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(dt & 1, axis=2), axis=1), axis=0))  # |dt|; 0 where masked (s = a = 0)
     if pid_o == tl.num_programs(1) - 1:  # padding digits (columns K .. 5 KB - 1, at most 4) of these rows
         pc = K + tl.arange(0, 4)
         pmask = row_ok[:, None] & (pc[None, :] < 5 * KB)
