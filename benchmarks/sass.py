@@ -148,10 +148,12 @@ def cases() -> list[Case]:
              "e_accum_ptr": "*i8", "new_packed_ptr": "*u8", "new_t_accum_ptr": "*i8", "new_exp_ptr": "*i8",
              "new_e_accum_ptr": "*i8", "count_ptr": "*i32", "exp_count_ptr": "*i32", "N": "i32", "K": "i32",
              "KB": "i32", "KT": "i32", "G": "i32", "TH": "i32", "THE": "i32", "SEED_HI": "i32", "SEED_LO": "i32"}
-    for mode in ("counter", "stochastic", "nibble"):  # the whole update in one kernel (group sizes 8-64)
-        out.append(Case(f"fused update ({mode})", update._fused_kernel, fused,
-                        {"GS": gs, "BLOCK_R": 1, "BLOCK_O": 128, "STOCHASTIC": mode == "stochastic",
-                         "NIBBLES": mode == "nibble"}, tuple(range(13)) + (14,), 4, 128 * 8 / 128, "weight"))
+    for mode in ("counter", "stochastic", "nibble"):  # the whole update in one kernel (group sizes 8-64), at the
+        for warps in (4, 2):  # H100 tuner's picks: 4 warps for int8 counters, 2 (two octets a thread) for the others
+            out.append(Case(f"fused update ({mode}, {warps} warps)", update._fused_kernel, fused,
+                            {"GS": gs, "BLOCK_R": 1, "BLOCK_O": 128, "STOCHASTIC": mode == "stochastic",
+                             "NIBBLES": mode == "nibble"}, tuple(range(13)) + (14,), warps, 128 * 8 / (32 * warps),
+                            "weight"))
     out.append(Case("exponent", update._exp_update_kernel, exp, {"GS": gs, "GS_P2": gs, "BLOCK_Q": 128},
                     (0, 1, 2, 3, 4, 5, 6, 8), 4, 128 * gs / 128, "weight"))
     return out

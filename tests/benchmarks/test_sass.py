@@ -54,7 +54,7 @@ def test_refuses_to_run_under_the_interpreter():
 
 def test_a_filter_that_matches_nothing_names_the_kernels():
     proc = run_tool("--kernels", "update")
-    assert proc.returncode != 0 and "matches none of" in proc.stderr and "fused update (counter)" in proc.stderr
+    assert proc.returncode != 0 and "matches none of" in proc.stderr and "fused update (counter, 4 warps)" in proc.stderr
 
 
 def test_the_fused_updates_byte_adds_compile_without_fences():
@@ -64,7 +64,7 @@ def test_the_fused_updates_byte_adds_compile_without_fences():
     proc = run_tool("--kernels", "fused update")
     assert proc.returncode == 0, proc.stderr
     rows = table(proc.stdout)
-    assert len(rows) == 3  # counter, stochastic, nibble
+    assert len(rows) == 6  # counter, stochastic, nibble, each at 4 and 2 warps
     for row in rows.values():
         assert row["per"] == "weight" and float(row["SASS per element"]) > 0
         assert row["MEMBAR"] == "0", proc.stdout
