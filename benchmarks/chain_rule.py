@@ -162,8 +162,7 @@ def run(rule: ChainRule, steps: int, seed: int, preset_name: str = "tiny", group
                      step_fn=ChainTrainer(rule, steps, seed))
     layout = init_model(byte_path_config(cfg), torch.Generator().manual_seed(0))  # training keeps the layout
     return {"rule": dataclasses.asdict(rule), "seed": seed, "steps": steps, "group_size": model.group_size,
-            "bpb_ternary": result["bpb_ternary"],
-            "bpb_float": result["bpb_float"], "ratio": result["ratio"],
+            "bpb_ternary": result["bpb_ternary"], "bpb_float": result["bpb_float"], "ratio": result["ratio"],
             "bytes_per_weight": bytes_per_weight(layout, rule), "curve": result["curves"]["ternary"]}
 
 
@@ -191,8 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(r))
                 continue
             print(f"| {rule.states} | {rule.place_bits} | {rule.scale:g} | {rule.final:g} | "
-                  f"{'frozen' if rule.frozen else 'moving'} | {r['group_size']} | {seed} | {r['bpb_ternary']:.4f} | {r['bpb_float']:.4f} | "
-                  f"{r['ratio']:.3f} | {r['bytes_per_weight']:.3f} |", flush=True)
+                  f"{'frozen' if rule.frozen else 'moving'} | {r['group_size']} | {seed} | {r['bpb_ternary']:.4f} | "
+                  f"{r['bpb_float']:.4f} | {r['ratio']:.3f} | {r['bytes_per_weight']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

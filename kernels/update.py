@@ -535,7 +535,7 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
     _add_to_byte(words, rn, q0, 0, rest - 243 * d1, row_ok, KB)
     _add_to_byte(words, rn, q0, 1, d1, row_ok, KB)
     _add_to_byte(words, rn, q0, 2, d2, row_ok, KB)
-    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(dt & 1, axis=2), axis=1), axis=0))  # |dt|; 0 where masked (s = a = 0)
+    tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(dt & 1, axis=2), axis=1), axis=0))  # |dt|, 0 where masked
     if pid_o == tl.num_programs(1) - 1:  # padding digits (columns K .. 5 KB - 1, at most 4) of these rows
         pc = K + tl.arange(0, 4)
         pmask = row_ok[:, None] & (pc[None, :] < 5 * KB)
