@@ -4,11 +4,12 @@ proportional to its gradient's magnitude, trained against the float twin by :fun
     python -m benchmarks.chain_rule [--steps 200] [--settings 6:1:64,6:1:64:frozen,3:0:64] [--seeds 1234]
         [--group-size 64] [--json]
 
-A setting is ``states:scale:final[:frozen]``. ``states`` S = 3 * 2**b: three equal levels (read as trits -1, 0,
+A setting is ``states:scale:final[:power][:frozen]``. ``states`` S = 3 * 2**b: three equal levels (read as trits -1, 0,
 +1) of 2**b places each, so a weight keeps b bits beside its trit (S 3: none, the counter-free rule; S 6: one bit,
 0.125 bytes/weight). A vote (the sign of -dL/dW) moves the place one step along the chain with probability
-``p * a(step)``: p = |g| / (scale * max |g| of the weight's exponent group) (``scale`` 0: p = 1, every vote
-alike), and a(step) = ``final`` ** -(step / steps) falls geometrically from 1 at step 0 to 1/``final`` at the
+``p * a(step)``: p = min(1, |g| / (scale * max |g| of the weight's exponent group)) ** power (``scale`` 0: p = 1,
+every vote alike; ``power`` 1 unless given: a higher power moves mostly the weights with the group's largest
+gradients), and a(step) = ``final`` ** -(step / steps) falls geometrically from 1 at step 0 to 1/``final`` at the
 run's end. ``frozen`` leaves the exponents at their initial values (no exponent accumulator needed); otherwise
 they move by the library's rule (``arbfn::ternary_update_group`` with a zero flip cutoff, which moves no trit).
 
@@ -40,12 +41,14 @@ from kernels.packing import pack_reference, unpack_reference
 
 @dataclasses.dataclass(frozen=True)
 class ChainRule:
-    """One setting: chain length, magnitude scale (0: constant), final rate divisor, frozen exponents."""
+    """One setting: chain length, magnitude scale (0: constant), final rate divisor, frozen exponents, and the
+    power of the magnitude ratio."""
 
     states: int = 6
     scale: float = 1.0
     final: float = 64.0
     frozen: bool = False
+    power: float = 1.0
 
     def __post_init__(self) -> None:
         b = self.place_bits
@@ -55,6 +58,8 @@ class ChainRule:
             raise ValueError(f"scale must be finite and >= 0 (0: every vote alike), got {self.scale}")
         if not (self.final >= 1 and math.isfinite(self.final)):
             raise ValueError(f"final must be a finite divisor >= 1, got {self.final}")
+        if not (self.power > 0 and math.isfinite(self.power)):
+            raise ValueError(f"power must be finite and > 0, got {self.power}")
 
     @property
     def place_bits(self) -> int:
@@ -63,11 +68,14 @@ class ChainRule:
 
 
 def parse_setting(text: str) -> ChainRule:
-    """``"states:scale:final[:frozen]"`` as a ChainRule."""
+    """``"states:scale:final[:power][:frozen]"`` as a ChainRule."""
     parts = text.split(":")
-    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "frozen"):
-        raise ValueError(f"a setting is states:scale:final[:frozen], got {text!r}")
-    return ChainRule(int(parts[0]), float(parts[1]), float(parts[2]), len(parts) == 4)
+    frozen = parts[-1] == "frozen"
+    numbers = parts[:-1] if frozen else parts
+    if len(numbers) not in (3, 4) or "frozen" in numbers:
+        raise ValueError(f"a setting is states:scale:final[:power][:frozen], got {text!r}")
+    power = float(numbers[3]) if len(numbers) == 4 else 1.0
+    return ChainRule(int(numbers[0]), float(numbers[1]), float(numbers[2]), frozen, power)
 
 
 def trits_of(places: torch.Tensor, states: int) -> torch.Tensor:
@@ -82,15 +90,15 @@ def start_places(trits: torch.Tensor, states: int, generator: torch.Generator) -
     return (trits.to(torch.int64) + 1) * per + offset
 
 
-def move_probability(grad: torch.Tensor, group_size: int, scale: float) -> torch.Tensor:
-    """|g| / (scale * max |g| of its group of ``group_size`` columns), at most 1; all ones for scale 0."""
+def move_probability(grad: torch.Tensor, group_size: int, scale: float, power: float = 1.0) -> torch.Tensor:
+    """(|g| / (scale * max |g| of its group of ``group_size`` columns), at most 1) ** power; all ones for scale 0."""
     if scale == 0:
         return torch.ones_like(grad, dtype=torch.float32)
     a = grad.abs().float()
     n, k = a.shape
     top = F.pad(a, (0, -k % group_size)).view(n, -1, group_size).amax(2)
     top = top.repeat_interleave(group_size, dim=1)[:, :k]
-    return torch.where(top > 0, a / (scale * top), 0.0).clamp(max=1.0)
+    return torch.where(top > 0, a / (scale * top), 0.0).clamp(max=1.0) ** power
 
 
 def step_places(places: torch.Tensor, grad: torch.Tensor, p: torch.Tensor, states: int,
@@ -120,7 +128,7 @@ class ChainTrainer:
         states = self.rule.states
         if number not in self.places:
             self.places[number] = start_places(unpack_reference(w.packed, w.in_features), states, self.generator)
-        p = move_probability(grad, w.group_size, self.rule.scale) * a
+        p = move_probability(grad, w.group_size, self.rule.scale, self.rule.power) * a
         self.places[number] = step_places(self.places[number], grad, p, states, self.generator)
         return dataclasses.replace(w, packed=pack_reference(trits_of(self.places[number], states).to(torch.int8)))
 
@@ -180,16 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in a.seeds.split(",")]
     if not a.json:
         print(f"{a.preset} byte path vs float twin, {a.steps} steps, CPU")
-        print("| states | bits beside the trit | scale | final | exponents | group | seed | bpb ternary | bpb float "
-              "| ratio | bytes/weight |")
-        print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+        print("| states | bits beside the trit | scale | power | final | exponents | group | seed | bpb ternary "
+              "| bpb float | ratio | bytes/weight |")
+        print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for rule in rules:
         for seed in seeds:
             r = run(rule, a.steps, seed, a.preset, a.group_size)
             if a.json:
                 print(json.dumps(r))
                 continue
-            print(f"| {rule.states} | {rule.place_bits} | {rule.scale:g} | {rule.final:g} | "
+            print(f"| {rule.states} | {rule.place_bits} | {rule.scale:g} | {rule.power:g} | {rule.final:g} | "
                   f"{'frozen' if rule.frozen else 'moving'} | {r['group_size']} | {seed} | {r['bpb_ternary']:.4f} | "
                   f"{r['bpb_float']:.4f} | {r['ratio']:.3f} | {r['bytes_per_weight']:.3f} |", flush=True)
 

@@ -18,10 +18,13 @@ from kernels.packing import unpack_reference
 def test_settings_parse_into_rules():
     assert parse_setting("6:1:64") == ChainRule(6, 1.0, 64.0, False)
     assert parse_setting("12:0.5:16:frozen") == ChainRule(12, 0.5, 16.0, True)
+    assert parse_setting("6:0.5:64:3") == ChainRule(6, 0.5, 64.0, False, 3.0)
+    assert parse_setting("6:0.5:64:3:frozen") == ChainRule(6, 0.5, 64.0, True, 3.0)
     assert [ChainRule(s).place_bits for s in (3, 6, 12, 24)] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("bad", ["6:1", "6:1:64:thawed", "5:1:64", "6:-1:64", "6:1:0.5", "x:1:64"])
+@pytest.mark.parametrize("bad", ["6:1", "6:1:64:thawed", "5:1:64", "6:-1:64", "6:1:0.5", "x:1:64", "6:1:64:0",
+                                 "6:1:64:frozen:3", "6:1:64:2:3"])
 def test_bad_settings_raise(bad):
     with pytest.raises(ValueError):
         parse_setting(bad)
@@ -41,6 +44,7 @@ def test_move_probability_is_magnitude_over_the_group_max():
     assert torch.allclose(p, torch.tensor([[0.25, 0.5, 1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0]]))
     assert torch.allclose(move_probability(g, 4, 2.0), p / 2)
     assert torch.equal(move_probability(g, 4, 0.0), torch.ones_like(g))
+    assert torch.allclose(move_probability(g, 4, 0.5, 3.0), (2 * p).clamp(max=1.0) ** 3)  # capped, then the power
 
 
 def test_step_places_moves_against_the_gradient_within_the_chain():
