@@ -22,14 +22,13 @@ from arbfn.audit import audit
 from arbfn.config import Config
 from arbfn.model import State, init_model
 from arbfn.ternary import to_device, weights
-from arbfn.train import evaluate, train_step
+from arbfn.train import StepFn, evaluate, train_step
 from arbfn.twin import FloatTwin, evaluate_twin, make_optimizer, twin_step
 
 BYTE_PATH = ("text", "blocks", "norm", "head")  # the params areas the twin mirrors
 ARCHITECTURE = ("same architecture on both sides: byte path only (text sequencer, causal blocks, RMSNorm, "
                 "byte head); VQ, graph, memory and MoE off")
 BatchHook = Callable[[str, int, torch.Tensor], None]
-StepFn = Callable[[State, torch.Tensor, Config], tuple[State, dict[str, torch.Tensor]]]
 
 
 def byte_path_config(cfg: Config) -> Config:

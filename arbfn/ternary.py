@@ -177,6 +177,24 @@ def weights(tree: Any) -> list[TernaryWeight]:
     return [x for x in pytree.tree_leaves(tree, is_leaf=is_ternary) if is_ternary(x)]
 
 
+def weights_with_grads(tree: Any, grads: Any) -> tuple[list[TernaryWeight], list[Any],
+                                                        Callable[[list[TernaryWeight]], Any]]:
+    """The ternary weights of ``tree`` in pytree order (weight number j of a run), the matching leaves of ``grads``
+    (a tree mirroring ``tree``: None for an untrainable weight), and a function that puts new weights, in that
+    order, back into a copy of ``tree``."""
+    leaves, spec = pytree.tree_flatten(tree, is_leaf=is_ternary)
+    grad_leaves = spec.flatten_up_to(grads)
+    at = [i for i, w in enumerate(leaves) if is_ternary(w)]
+
+    def rebuild(new: list[TernaryWeight]) -> Any:
+        out = list(leaves)
+        for i, w in zip(at, new):
+            out[i] = w
+        return pytree.tree_unflatten(out, spec)
+
+    return [leaves[i] for i in at], [grad_leaves[i] for i in at], rebuild
+
+
 def make_probes(tree: Any, dtype: torch.dtype = torch.float32) -> Any:
     """A tree of zero probes (0-stride, so they cost no memory) mirroring the trainable weights of ``tree``. They
     expand one zero per device, so making them launches one fill per device, not one per weight."""

@@ -23,8 +23,12 @@ from arbfn import data as data_mod
 from arbfn.config import Config, TrainConfig, UpdateConfig
 from arbfn.model import State, apply_model, update_counters
 from arbfn.objective import as_batch, byte_loss, objective
-from arbfn.ternary import attach_probes, is_ternary, make_probes, update_weights
+from arbfn.ternary import attach_probes, make_probes, update_weights, weights_with_grads
 from kernels.update import flip_cutoff
+
+Metrics = dict[str, torch.Tensor]
+StepFn = Callable[[State, Any, Config], tuple[State, Metrics]]  # one training step: (state, batch, cfg) -> new, metrics
+UpdateFn = Callable[[State, Any, UpdateConfig], tuple[State, Metrics]]  # (state, grads, update) -> new, counts
 
 
 def loss_fn(state: State, batch: torch.Tensor) -> torch.Tensor:
@@ -64,15 +68,10 @@ def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State,
     step = state.step if update.flip_mode == "stochastic" else None
     cutoff = None if step is None else flip_cutoff(step, update.flip_threshold, update.flip_threshold_final,
                                                    update.anneal_steps)  # once per step, shared by every weight
-    leaves, spec = pytree.tree_flatten(state.params, is_leaf=is_ternary)
-    grad_leaves = spec.flatten_up_to(grads)
-    at = [i for i, w in enumerate(leaves) if is_ternary(w)]  # weight number j of the run is leaf at[j]
-    new, flips, moves = update_weights([leaves[i] for i in at], [grad_leaves[i] for i in at], update.flip_threshold,
-                                       update.exp_threshold, step, update.seed, update.counter_bits, cutoff)
-    for i, w in zip(at, new):
-        leaves[i] = w
-    params = pytree.tree_unflatten(leaves, spec)
-    return State(params, state.step + 1, state.config), {"flips": flips, "exp_moves": moves}
+    ws, gs, rebuild = weights_with_grads(state.params, grads)
+    new, flips, moves = update_weights(ws, gs, update.flip_threshold, update.exp_threshold, step, update.seed,
+                                       update.counter_bits, cutoff)
+    return State(rebuild(new), state.step + 1, state.config), {"flips": flips, "exp_moves": moves}
 
 
 def train_step(state: State, batch: torch.Tensor, cfg: Config) -> tuple[State, dict[str, torch.Tensor]]:
@@ -87,10 +86,11 @@ def train_step(state: State, batch: torch.Tensor, cfg: Config) -> tuple[State, d
     return finish_step(state, grads, loss, aux, cfg)
 
 
-def finish_step(state: State, grads: Any, loss: torch.Tensor, aux: dict[str, torch.Tensor], cfg: Config
-                ) -> tuple[State, dict[str, torch.Tensor]]:
-    """The part of a step after the gradients: sign-vote update, counter learning, metrics."""
-    new_state, stats = apply_update(state, grads, cfg.update)
+def finish_step(state: State, grads: Any, loss: torch.Tensor, aux: dict[str, torch.Tensor], cfg: Config,
+                update: UpdateFn = apply_update) -> tuple[State, dict[str, torch.Tensor]]:
+    """The part of a step after the gradients: the weights' update (the sign votes of :func:`apply_update`, or a
+    research rule's), counter learning, metrics."""
+    new_state, stats = update(state, grads, cfg.update)
     new_state = update_counters(new_state, aux)
     terms = {k: v for k, v in aux.items() if v.dim() == 0}
     return new_state, {"loss": loss.detach(), **terms, **stats}
@@ -107,7 +107,7 @@ def evaluate(state: State, batches: list[torch.Tensor]) -> float:
 
 def train(cfg: Config, state: State, corpus: bytes, out_dir: Path | None = None,
           on_step: Callable[[int, dict[str, float]], None] | None = None,
-          step_fn: Callable[[State, Any, Config], tuple[State, dict[str, torch.Tensor]]] = train_step,
+          step_fn: StepFn = train_step,
           ) -> tuple[State, list[dict[str, float]]]:
     """Train ``state`` for ``cfg.train.steps`` steps on ``corpus``; returns the final state and per-step metrics.
 

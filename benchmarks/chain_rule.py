@@ -24,18 +24,18 @@ import argparse
 import dataclasses
 import json
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 
 from arbfn import data
 from arbfn.audit import audit
 from arbfn.compare import byte_path_config, compare
 from arbfn.config import Config, UpdateConfig, preset
-from arbfn.model import State, init_model, update_counters
-from arbfn.ternary import TernaryWeight, is_ternary, update_weights
-from arbfn.train import gradient_signals
+from arbfn.model import State, init_model
+from arbfn.ternary import TernaryWeight, update_weights, weights, weights_with_grads
+from arbfn.train import finish_step, gradient_signals
 from kernels.packing import pack_reference, unpack_reference
 
 
@@ -96,8 +96,8 @@ def move_probability(grad: torch.Tensor, group_size: int, scale: float, power: f
         return torch.ones_like(grad, dtype=torch.float32)
     a = grad.abs().float()
     n, k = a.shape
-    top = F.pad(a, (0, -k % group_size)).view(n, -1, group_size).amax(2)
-    top = top.repeat_interleave(group_size, dim=1)[:, :k]
+    group_max = F.pad(a, (0, -k % group_size)).view(n, -1, group_size).amax(2)
+    top = group_max[:, torch.arange(k, device=a.device) // group_size]  # each column's group max
     return torch.where(top > 0, a / (scale * top), 0.0).clamp(max=1.0) ** power
 
 
@@ -132,28 +132,27 @@ class ChainTrainer:
         self.places[number] = step_places(self.places[number], grad, p, states, self.generator)
         return dataclasses.replace(w, packed=pack_reference(trits_of(self.places[number], states).to(torch.int8)))
 
+    def update(self, state: State, grads: Any, update: UpdateConfig) -> tuple[State, dict[str, torch.Tensor]]:
+        """An :data:`arbfn.train.UpdateFn`: exponents by the library's rule unless frozen, trits by the chains."""
+        ws, gs, rebuild = weights_with_grads(state.params, grads)
+        stats: dict[str, torch.Tensor] = {}
+        if not self.rule.frozen:  # a zero cutoff moves no trit
+            zero = torch.zeros((), dtype=torch.int64)
+            ws, _, stats["exp_moves"] = update_weights(ws, gs, 1, update.exp_threshold, state.step, cutoff=zero)
+        a = self.rate(int(state.step))
+        new = [w if g is None or not w.trainable else self.update_weight(number, w, g, a)
+               for number, (w, g) in enumerate(zip(ws, gs))]
+        return State(rebuild(new), state.step + 1, state.config), stats
+
     def __call__(self, state: State, batch: torch.Tensor, cfg: Config) -> tuple[State, dict[str, torch.Tensor]]:
         grads, loss, aux = gradient_signals(state, batch, cfg.train)
-        leaves, spec = pytree.tree_flatten(state.params, is_leaf=is_ternary)
-        grad_leaves = spec.flatten_up_to(grads)
-        at = [i for i, w in enumerate(leaves) if is_ternary(w)]
-        ws = [leaves[i] for i in at]
-        if not self.rule.frozen:  # the library's exponent rule; a zero cutoff moves no trit
-            zero = torch.zeros((), dtype=torch.int64)
-            ws, _, _ = update_weights(ws, [grad_leaves[i] for i in at], 1, cfg.update.exp_threshold, state.step,
-                                      cutoff=zero)
-        a = self.rate(int(state.step))
-        for number, (i, w) in enumerate(zip(at, ws)):
-            g = grad_leaves[i]
-            leaves[i] = w if g is None or not w.trainable else self.update_weight(number, w, g, a)
-        new = update_counters(State(pytree.tree_unflatten(leaves, spec), state.step + 1, state.config), aux)
-        return new, {"loss": loss.detach()}
+        return finish_step(state, grads, loss, aux, cfg, update=self.update)
 
 
 def bytes_per_weight(state: State, rule: ChainRule) -> float:
     """State bytes per ternary weight as the rule would keep them (module docstring)."""
     report = audit(state)
-    trained = [w for w in pytree.tree_leaves(state.params, is_leaf=is_ternary) if is_ternary(w) and w.trainable]
+    trained = [w for w in weights(state.params) if w.trainable]
     extra = sum(w.out_features * -(-w.in_features * rule.place_bits // 8) for w in trained)
     if rule.frozen:
         extra -= sum(w.e_accum.numel() for w in trained)

@@ -27,6 +27,7 @@ from arbfn.ternary import (
     update_weights,
     validate_weight,
     weights,
+    weights_with_grads,
 )
 from kernels import update as update_ops
 from kernels.packing import pack_reference, unpack_reference
@@ -249,6 +250,19 @@ def test_attach_probes_sets_each_weight_probe():
     assert_same_weight(attached["a"], tree["a"])
     detached = attach_probes(attached, pytree.tree_map(lambda _: None, probes))
     assert detached["a"].probe is None
+
+
+def test_weights_with_grads_pairs_each_weight_with_its_gradient_and_rebuilds_the_tree():
+    frozen = dataclasses.replace(init_ternary(2, 8, 4, gen()), t_accum=None, e_accum=None)
+    tree = {"a": init_ternary(4, 13, 4, gen()), "b": [init_ternary(3, 6, 4, gen(1))], "frozen": frozen, "n": 7}
+    grads = make_probes(tree)
+    ws, gs, rebuild = weights_with_grads(tree, grads)
+    assert all(a is b for a, b in zip(ws, weights(tree), strict=True))
+    assert [g is None for g in gs] == [False, False, True]
+    assert gs[0] is grads["a"] and gs[1] is grads["b"][0]
+    swapped = rebuild([ws[1], ws[0], ws[2]])
+    assert swapped["a"] is ws[1] and swapped["b"][0] is ws[0] and swapped["frozen"] is frozen and swapped["n"] == 7
+    assert tree["a"] is ws[0], "rebuild must not modify its input"
 
 
 # ---------------------------------------------------------------- ops
