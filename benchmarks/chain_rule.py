@@ -4,14 +4,18 @@ proportional to its gradient's magnitude, trained against the float twin by :fun
     python -m benchmarks.chain_rule [--steps 200] [--settings 6:1:64,6:1:64:frozen,3:0:64] [--seeds 1234]
         [--group-size 64] [--json]
 
-A setting is ``states:scale:final[:power][:frozen]``. ``states`` S = 3 * 2**b: three equal levels (read as trits -1, 0,
-+1) of 2**b places each, so a weight keeps b bits beside its trit (S 3: none, the counter-free rule; S 6: one bit,
+A setting is ``states:scale:final[:power][:flag...]``. ``states`` S = 3 * 2**b: three equal levels (read as trits -1,
+0, +1) of 2**b places each, so a weight keeps b bits beside its trit (S 3: none, the counter-free rule; S 6: one bit,
 0.125 bytes/weight). A vote (the sign of -dL/dW) moves the place one step along the chain with probability
 ``p * a(step)``: p = min(1, |g| / (scale * max |g| of the weight's exponent group)) ** power (``scale`` 0: p = 1,
 every vote alike; ``power`` 1 unless given: a higher power moves mostly the weights with the group's largest
-gradients), and a(step) = ``final`` ** -(step / steps) falls geometrically from 1 at step 0 to 1/``final`` at the
-run's end. ``frozen`` leaves the exponents at their initial values (no exponent accumulator needed); otherwise
-they move by the library's rule (``arbfn::ternary_update_group`` with a zero flip cutoff, which moves no trit).
+gradients; the ``rms`` flag puts the group's root mean square |g| in place of its max), and a(step) falls from 1 at step 0 to 1/``final`` at the run's end, geometrically
+(``final ** -(step / steps)``) unless the ``cosine`` flag gives a cosine from 1 to 1/``final``. Flags:
+``frozen`` leaves the exponents at their initial values (no exponent accumulator needed; otherwise they move by
+the library's rule, ``arbfn::ternary_update_group`` with a zero flip cutoff, which moves no trit); ``outer`` starts
+each nonzero trit at the outer place of its level, where a vote toward zero must move it twice to change it
+(zero trits start uniform over their places, as every trit does without the flag); ``fixed-norms`` trains no
+norm gain (weights under a key ``norm...``, all +1 from init): they keep their init.
 
 The places live in this script, not in the state, and the draws come from torch's generator: a prototype to
 measure the rule before it gets a layout and a kernel. bytes/weight counts the state as the rule would keep
@@ -28,27 +32,33 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 from arbfn import data
 from arbfn.audit import audit
 from arbfn.compare import byte_path_config, compare
 from arbfn.config import Config, UpdateConfig, preset
 from arbfn.model import State, init_model
-from arbfn.ternary import TernaryWeight, update_weights, weights, weights_with_grads
+from arbfn.ternary import TernaryWeight, is_ternary, update_weights, weights, weights_with_grads
 from arbfn.train import finish_step, gradient_signals
 from kernels.packing import pack_reference, unpack_reference
 
 
 @dataclasses.dataclass(frozen=True)
 class ChainRule:
-    """One setting: chain length, magnitude scale (0: constant), final rate divisor, frozen exponents, and the
-    power of the magnitude ratio."""
+    """One setting: chain length, magnitude scale (0: constant), final rate divisor, frozen exponents, the power of
+    the magnitude ratio, and the flags of the module docstring (outer starts, a cosine rate, fixed norm gains, the
+    group's root mean square for its max)."""
 
     states: int = 6
     scale: float = 1.0
     final: float = 64.0
     frozen: bool = False
     power: float = 1.0
+    outer: bool = False
+    cosine: bool = False
+    fixed_norms: bool = False
+    rms: bool = False
 
     def __post_init__(self) -> None:
         b = self.place_bits
@@ -67,15 +77,20 @@ class ChainRule:
         return max(0, (self.states // 3).bit_length() - 1)
 
 
+FLAGS = {"frozen": "frozen", "outer": "outer", "cosine": "cosine", "fixed-norms": "fixed_norms", "rms": "rms"}  # flag: field
+
+
 def parse_setting(text: str) -> ChainRule:
-    """``"states:scale:final[:power][:frozen]"`` as a ChainRule."""
+    """``"states:scale:final[:power][:flag...]"`` (flags: :data:`FLAGS`, each at most once) as a ChainRule."""
     parts = text.split(":")
-    frozen = parts[-1] == "frozen"
-    numbers = parts[:-1] if frozen else parts
-    if len(numbers) not in (3, 4) or "frozen" in numbers:
-        raise ValueError(f"a setting is states:scale:final[:power][:frozen], got {text!r}")
+    numbers = parts[:next((i for i, x in enumerate(parts) if x in FLAGS), len(parts))]
+    flags = parts[len(numbers):]
+    if len(numbers) not in (3, 4) or any(f not in FLAGS for f in flags) or len(set(flags)) != len(flags):
+        raise ValueError(f"a setting is states:scale:final[:power][:flag...] with flags from {sorted(FLAGS)}, "
+                         f"got {text!r}")
     power = float(numbers[3]) if len(numbers) == 4 else 1.0
-    return ChainRule(int(numbers[0]), float(numbers[1]), float(numbers[2]), frozen, power)
+    return ChainRule(int(numbers[0]), float(numbers[1]), float(numbers[2]), power=power,
+                     **{FLAGS[f]: True for f in flags})
 
 
 def trits_of(places: torch.Tensor, states: int) -> torch.Tensor:
@@ -83,21 +98,32 @@ def trits_of(places: torch.Tensor, states: int) -> torch.Tensor:
     return places * 3 // states - 1
 
 
-def start_places(trits: torch.Tensor, states: int, generator: torch.Generator) -> torch.Tensor:
-    """Places uniform within each trit's level (int64, the trits' shape)."""
+def start_places(trits: torch.Tensor, states: int, generator: torch.Generator, outer: bool = False) -> torch.Tensor:
+    """Places uniform within each trit's level (int64, the trits' shape); with ``outer``, nonzero trits at the
+    outer end of theirs (the first place of -1's level, the last of +1's)."""
     per = states // 3
+    t = trits.to(torch.int64)
     offset = torch.randint(0, per, trits.shape, generator=generator)
-    return (trits.to(torch.int64) + 1) * per + offset
+    if outer:
+        offset = torch.where(t > 0, per - 1, torch.where(t < 0, 0, offset))
+    return (t + 1) * per + offset
 
 
-def move_probability(grad: torch.Tensor, group_size: int, scale: float, power: float = 1.0) -> torch.Tensor:
-    """(|g| / (scale * max |g| of its group of ``group_size`` columns), at most 1) ** power; all ones for scale 0."""
+def move_probability(grad: torch.Tensor, group_size: int, scale: float, power: float = 1.0,
+                     rms: bool = False) -> torch.Tensor:
+    """(|g| / (scale * max |g| of its group of ``group_size`` columns, or with ``rms`` the group's root mean square
+    over its real columns), at most 1) ** power; all ones for scale 0."""
     if scale == 0:
         return torch.ones_like(grad, dtype=torch.float32)
     a = grad.abs().float()
     n, k = a.shape
-    group_max = F.pad(a, (0, -k % group_size)).view(n, -1, group_size).amax(2)
-    top = group_max[:, torch.arange(k, device=a.device) // group_size]  # each column's group max
+    groups = F.pad(a, (0, -k % group_size)).view(n, -1, group_size)
+    if rms:
+        width = (k - torch.arange(groups.shape[1], device=a.device) * group_size).clamp(max=group_size)
+        norm = (groups.square().sum(2) / width).sqrt()
+    else:
+        norm = groups.amax(2)
+    top = norm[:, torch.arange(k, device=a.device) // group_size]  # each column's group norm
     return torch.where(top > 0, a / (scale * top), 0.0).clamp(max=1.0) ** power
 
 
@@ -118,17 +144,21 @@ class ChainTrainer:
         self.rule, self.steps = rule, steps
         self.generator = torch.Generator().manual_seed(seed)
         self.places: dict[int, torch.Tensor] = {}
+        self.norms: set[int] | None = None  # numbers of the norm gains, found on the first step
 
     def rate(self, step: int) -> float:
-        """a(step) = final ** -(step / steps): 1 at step 0, falling geometrically to 1/final at the run's end."""
-        return self.rule.final ** -(min(step, self.steps) / self.steps)
+        """a(step): 1 at step 0, falling to 1/final at the run's end, as final ** -(step / steps) or, with the cosine
+        flag, 1/final + (1 - 1/final) * (1 + cos(pi * step / steps)) / 2."""
+        t, last = min(step, self.steps) / self.steps, 1 / self.rule.final
+        return last + (1 - last) * (1 + math.cos(math.pi * t)) / 2 if self.rule.cosine else self.rule.final ** -t
 
     def update_weight(self, number: int, w: TernaryWeight, grad: torch.Tensor, a: float) -> TernaryWeight:
         """``w`` with its trits read from its chain after one vote."""
         states = self.rule.states
         if number not in self.places:
-            self.places[number] = start_places(unpack_reference(w.packed, w.in_features), states, self.generator)
-        p = move_probability(grad, w.group_size, self.rule.scale, self.rule.power) * a
+            self.places[number] = start_places(unpack_reference(w.packed, w.in_features), states, self.generator,
+                                               self.rule.outer)
+        p = move_probability(grad, w.group_size, self.rule.scale, self.rule.power, self.rule.rms) * a
         self.places[number] = step_places(self.places[number], grad, p, states, self.generator)
         return dataclasses.replace(w, packed=pack_reference(trits_of(self.places[number], states).to(torch.int8)))
 
@@ -140,7 +170,9 @@ class ChainTrainer:
             zero = torch.zeros((), dtype=torch.int64)
             ws, _, stats["exp_moves"] = update_weights(ws, gs, 1, update.exp_threshold, state.step, cutoff=zero)
         a = self.rate(int(state.step))
-        new = [w if g is None or not w.trainable else self.update_weight(number, w, g, a)
+        if self.norms is None:
+            self.norms = norm_gains(state.params) if self.rule.fixed_norms else set()
+        new = [w if g is None or not w.trainable or number in self.norms else self.update_weight(number, w, g, a)
                for number, (w, g) in enumerate(zip(ws, gs))]
         return State(rebuild(new), state.step + 1, state.config), stats
 
@@ -149,13 +181,27 @@ class ChainTrainer:
         return finish_step(state, grads, loss, aux, cfg, update=self.update)
 
 
+def flags_of(rule: ChainRule) -> str:
+    """The rule's flags as a setting spells them, or "-" for none."""
+    return ":".join(f for f, field in FLAGS.items() if getattr(rule, field)) or "-"
+
+
+def norm_gains(params: Any) -> set[int]:
+    """Numbers (pytree order, as :func:`arbfn.ternary.weights` lists them) of the weights under a key ``norm...``."""
+    leaves = pytree.tree_flatten_with_path(params, is_leaf=is_ternary)[0]
+    paths = [path for path, x in leaves if is_ternary(x)]
+    return {i for i, path in enumerate(paths)
+            if any(isinstance(k, pytree.MappingKey) and str(k.key).startswith("norm") for k in path)}
+
+
 def bytes_per_weight(state: State, rule: ChainRule) -> float:
-    """State bytes per ternary weight as the rule would keep them (module docstring)."""
+    """State bytes per ternary weight as the rule would keep them (module docstring): fixed norm gains keep neither
+    places nor an exponent accumulator."""
     report = audit(state)
-    trained = [w for w in weights(state.params) if w.trainable]
-    extra = sum(w.out_features * -(-w.in_features * rule.place_bits // 8) for w in trained)
-    if rule.frozen:
-        extra -= sum(w.e_accum.numel() for w in trained)
+    fixed = norm_gains(state.params) if rule.fixed_norms else set()
+    trained = [(i in fixed, w) for i, w in enumerate(weights(state.params)) if w.trainable]
+    extra = sum(w.out_features * -(-w.in_features * rule.place_bits // 8) for is_fixed, w in trained if not is_fixed)
+    extra -= sum(w.e_accum.numel() for is_fixed, w in trained if rule.frozen or is_fixed)
     return (report["state_bytes"] + extra) / report["ternary_weights"]
 
 
@@ -187,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in a.seeds.split(",")]
     if not a.json:
         print(f"{a.preset} byte path vs float twin, {a.steps} steps, CPU")
-        print("| states | bits beside the trit | scale | power | final | exponents | group | seed | bpb ternary "
+        print("| states | bits beside the trit | scale | power | final | flags | group | seed | bpb ternary "
               "| bpb float | ratio | bytes/weight |")
         print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for rule in rules:
@@ -197,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(r))
                 continue
             print(f"| {rule.states} | {rule.place_bits} | {rule.scale:g} | {rule.power:g} | {rule.final:g} | "
-                  f"{'frozen' if rule.frozen else 'moving'} | {r['group_size']} | {seed} | {r['bpb_ternary']:.4f} | "
+                  f"{flags_of(rule)} | {r['group_size']} | {seed} | {r['bpb_ternary']:.4f} | "
                   f"{r['bpb_float']:.4f} | {r['ratio']:.3f} | {r['bytes_per_weight']:.3f} |", flush=True)
 
 
