@@ -7,7 +7,8 @@ expected structure from the config on the meta device and demands exactly those 
 shapes, then validates every ternary weight (bytes 0..242, zero padding trits). The per-weight flip
 counters (``t_accum``) are saved and expected exactly when the config's ``update.flip_mode`` is "counter", in
 the width of its ``update.counter_bits`` (int8, or uint8 nibble pairs); counters of the other width refuse to
-save or load.
+save or load. A "chain" config saves and expects the chain's place bits (int32 ``t_accum``) and no exponent
+accumulators (nor any accumulator of a norm gain).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from arbfn.config import Config, TrainConfig, UpdateConfig
-from arbfn.model import State, init_model
-from arbfn.ternary import flip_counter_bits, set_flip_counters, to_device, validate_weight, weights
+from arbfn.model import State, init_model, is_norm_gain
+from arbfn.ternary import (CHAIN_BITS, flip_counter_bits, set_chain_places, set_flip_counters, to_device,
+                           validate_weight, weights)
 
 FORMAT = "arbfn-checkpoint-1"
 
@@ -56,17 +58,20 @@ def save(state: State, path: str | Path, cfg: Config | None = None) -> Path:
     The state is written in the layout of ``cfg.update.flip_mode`` (flip counters dropped, or added as zeros of
     ``cfg.update.counter_bits``; counters of another width raise ValueError); without ``cfg`` the mode and width
     are the state's own: "stochastic" when no trainable weight carries flip counters, 4-bit (with flip threshold
-    7, the most a nibble holds) when they are nibbles."""
+    7, the most a nibble holds) when they are nibbles, "chain" when they are a chain's place bits."""
     if cfg is None:  # the default train context (64) must fit models with a shorter max_context
         trainable = [w for w in weights(state.params) if w.trainable]
-        mode = "stochastic" if trainable and all(w.t_accum is None for w in trainable) else "counter"
-        nibbles = any(flip_counter_bits(w) == 4 for w in trainable)
-        update = UpdateConfig(flip_threshold=7, counter_bits=4) if nibbles else UpdateConfig(flip_mode=mode)
+        bits = {flip_counter_bits(w) for w in trainable}
+        mode = ("stochastic" if trainable and bits == {None} else "chain" if CHAIN_BITS in bits else "counter")
+        update = UpdateConfig(flip_threshold=7, counter_bits=4) if 4 in bits else UpdateConfig(flip_mode=mode)
         cfg = Config("custom", state.config, update=update,
                      train=TrainConfig(context=max(2, min(TrainConfig.context, state.config.max_context))))
     if cfg.model != state.config:
         raise ValueError("save: cfg.model differs from the state's model config")
-    state = set_flip_counters(state, cfg.update.flip_counters, cfg.update.counter_bits)
+    if cfg.update.flip_mode == "chain":
+        state = set_chain_places(state, fixed=is_norm_gain)
+    else:
+        state = set_flip_counters(state, cfg.update.flip_counters, cfg.update.counter_bits)
     for w in weights(state.params):
         validate_weight(w)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _named_leaves(state).items()}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from arbfn.config import COMPUTE_DTYPES
+from arbfn.config import COMPUTE_DTYPES, FLIP_MODES
+from kernels.update import ANNEAL_SHAPES
 
 
 def _device(name: str) -> torch.device:
@@ -58,10 +59,12 @@ def _single_process_step(kind: str | None, cfg, state, device: torch.device):
 
 def _with_update_flags(cfg, args: argparse.Namespace, resuming: bool):
     """``cfg`` with the update knobs given on the command line (--flip-mode, --counter-bits, --flip-threshold,
-    --exp-threshold, --flip-threshold-final, --anneal-steps). A resumed checkpoint keeps its flip mode and counter
-    width: its state layout belongs to them. --flip-threshold-final without --anneal-steps anneals over the
-    run's steps (--steps, else the preset's; a resumed run must say where the schedule ends)."""
-    knobs = ("flip_mode", "counter_bits", "flip_threshold", "exp_threshold", "flip_threshold_final", "anneal_steps")
+    --exp-threshold, --flip-threshold-final, --anneal-steps, --anneal-shape, --chain-scale, --chain-power) and
+    --group-size. A resumed checkpoint keeps its flip mode, counter width and group size: its state layout belongs
+    to them. --flip-threshold-final without --anneal-steps anneals over the run's steps (--steps, else the preset's;
+    a resumed run must say where the schedule ends)."""
+    knobs = ("flip_mode", "counter_bits", "flip_threshold", "exp_threshold", "flip_threshold_final", "anneal_steps",
+             "anneal_shape", "chain_scale", "chain_power")
     given = {k: v for k, v in vars(args).items() if k in knobs and v is not None}
     if "flip_threshold_final" in given and "anneal_steps" not in given:
         if resuming:  # the schedule counts the state's steps from its first, not this invocation's
@@ -73,6 +76,12 @@ def _with_update_flags(cfg, args: argparse.Namespace, resuming: bool):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {given[name]} differs from the checkpoint's {getattr(cfg.update, name)!r}: "
                              "its state layout (flip counters or none, and their width) belongs to it")
+    group_size = getattr(args, "group_size", None)
+    if group_size is not None and group_size != cfg.model.group_size:
+        if resuming:
+            raise ValueError(f"--group-size {group_size} differs from the checkpoint's {cfg.model.group_size}: its "
+                             "exponents are laid out per group")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, group_size=group_size))
     return dataclasses.replace(cfg, update=dataclasses.replace(cfg.update, **given))
 
 
@@ -224,10 +233,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_update_flags(p: argparse.ArgumentParser) -> None:
-    """--flip-mode, --counter-bits, --flip-threshold, --exp-threshold and the stochastic θ schedule
-    (UpdateConfig's knobs) on a subcommand."""
-    p.add_argument("--flip-mode", choices=("counter", "stochastic"),
-                   help="trit flips from int8 vote counters (default) or counter-free hashed coin flips (0.3 B/weight)")
+    """--flip-mode, --counter-bits, --flip-threshold, --exp-threshold, the drawn flips' θ schedule, the chain's knobs
+    (UpdateConfig's) and --group-size (ModelConfig's) on a subcommand."""
+    p.add_argument("--flip-mode", choices=FLIP_MODES,
+                   help="trit flips from int8 vote counters (default), counter-free hashed coin flips (0.27 B/weight), "
+                        "or a chain: one place bit per weight beside its trit, fixed exponents and norm gains (0.34 "
+                        "B/weight at --group-size 64; recommended: --flip-threshold 1 --flip-threshold-final 128 "
+                        "--anneal-shape cosine)")
     p.add_argument("--counter-bits", type=int, choices=(8, 4),
                    help="flip-counter width: int8 (default, 1 B/weight) or 4-bit nibbles, two per byte (0.5 B/weight; "
                         "needs --flip-threshold <= 7)")
@@ -239,6 +251,14 @@ def _add_update_flags(p: argparse.ArgumentParser) -> None:
                         "θ)")
     p.add_argument("--anneal-steps", type=int,
                    help="steps over which θ anneals to --flip-threshold-final (default: the run's --steps)")
+    p.add_argument("--anneal-shape", choices=ANNEAL_SHAPES,
+                   help="how θ anneals: geometric (default), or cosine (the move rate 1/θ on a half cosine)")
+    p.add_argument("--chain-scale", type=float,
+                   help="chain flips: a vote moves with probability min(1, |g| / (scale * group rms)) ** power / θ "
+                        "(default 2)")
+    p.add_argument("--chain-power", type=float, help="chain flips: the power of that ratio (default 3)")
+    p.add_argument("--group-size", type=int,
+                   help="inputs per exponent group (default: the preset's; a fresh model only: a checkpoint keeps its)")
     p.add_argument("--exp-threshold", type=int,
                    help="net votes per group exponent move (default: the preset's, 127; 1..127)")
 

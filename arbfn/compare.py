@@ -112,11 +112,16 @@ def format_table(result: dict[str, Any]) -> str:
     c = result["curves"]
     u = result["update"]
     mode = f"{u['flip_mode']} flips" + (f" ({u['counter_bits']}-bit counters)" if u["flip_mode"] == "counter" else "")
+    if u["flip_mode"] == "chain":
+        mode += f" (scale {u['chain_scale']:g}, power {u['chain_power']:g})"
     flip = str(u["flip_threshold"])
     if u.get("flip_threshold_final"):
-        flip += f" annealed to {u['flip_threshold_final']} over {u['anneal_steps']} steps"
+        flip += (f" annealed to {u['flip_threshold_final']} over {u['anneal_steps']} steps"
+                 f"{' on a cosine' if u.get('anneal_shape') == 'cosine' else ''}")
+    exps = ("exponents and norm gains fixed" if u["flip_mode"] == "chain" else
+            f"exponent threshold {u['exp_threshold']}")
     lines = [result["architecture"], f"ternary sign votes: {mode}, flip threshold "
-             f"{flip}, exponent threshold {u['exp_threshold']}, "
+             f"{flip}, {exps}, "
              f"{result.get('ternary_compute_dtype', 'float32')} activations; float twin: {result['float_optimizer']}",
              f"{'step':>6}  {'ternary bpb':>11}  {'float bpb':>9}"]
     lines += [f"{s:>6}  {t:>11.4f}  {f:>9.4f}" for s, t, f in zip(c["step"], c["ternary"], c["float"])]

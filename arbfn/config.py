@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from arbfn.data import VOCAB_SIZE
-from kernels.update import check_flip_schedule
+from kernels.update import ANNEAL_SHAPES, check_flip_schedule
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # TrainConfig.compute_dtype
 
@@ -159,6 +159,9 @@ class ModelConfig:
         return cls(**{k: subs[k](**v) if k in subs else v for k, v in d.items()})
 
 
+FLIP_MODES = ("counter", "stochastic", "chain")
+
+
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
     """The sign-vote rule (SYSTEM.md §Training, kernels/update.py).
@@ -168,7 +171,15 @@ class UpdateConfig:
       moves a trit on each vote with probability 1/``flip_threshold``, drawn from a counter-based hash of
       (``seed``, step, tensor, weight), so a step stays a pure function of (state, batch, config). Counter
       mode learns better (tiny byte path, held-out bits/byte at 200 steps: 3.45 vs 4.29 for stochastic θ 64 with
-      exp θ 127, 3.82 vs 4.34 with exp θ 32; benchmarks/RESULTS.md), so it stays the default.
+      exp θ 127, 3.82 vs 4.34 with exp θ 32; benchmarks/RESULTS.md), so it stays the default. "chain" keeps one
+      place bit per weight beside its trit (kernels/update_chain.py): a weight is a chain of six places, two per
+      trit level, and a vote moves its place one step with probability min(1, |g| / (``chain_scale`` * the rms
+      |g| of its exponent group)) ** ``chain_power`` / θ, drawn from the same hash as "stochastic". Exponents stay
+      at their initial values (no exponent accumulator), norm gains keep their init (weights under a ``norm...``
+      key: no accumulator at all), and a fresh state starts each nonzero trit at the outer place of its level. With
+      ``group_size`` 64 that is 0.344 bytes/weight on tiny's byte path (0.384 on the whole preset, whose graph and
+      VQ keep their own counters); with θ 1 -> 128 on a cosine over the run it learns to 1.139-1.144x the float
+      twin there, three seeds (benchmarks/RESULTS.md, "The chain as a flip mode"). No Triton kernel yet.
     flip_threshold: net votes per trit move (1..127; at most 7 with 4-bit counters; up to 2**24 for stochastic
       flips, which move a trit on a vote with probability 1/θ and need no counter to hold θ). 16 with dithered
       counters learned best on the tiny byte path (200 steps, held-out bits/byte vs the float twin: θ 8 1.17×,
@@ -189,15 +200,23 @@ class UpdateConfig:
       4-bit θ 4 1.26×, 5 1.21×, 6 1.18×, 7 1.155× against 1.135× for 8-bit θ 16; 400 steps, θ 7: 1.38× vs
       1.23×; exp θ 127, 200 steps: θ 7 1.144× vs 1.086×; benchmarks/RESULTS.md), so 8 stays the default; 4 is
       an option for memory-bound runs (0.81 vs 1.31 bytes/weight of state on the whole tiny preset).
-    seed: the stochastic flips' stream (0..2**32-1); unused by counter mode.
-    flip_threshold_final, anneal_steps: stochastic mode only: θ anneals geometrically from ``flip_threshold`` at
-      step 0 to ``flip_threshold_final`` at step ``anneal_steps`` and stays there (0, 0: θ constant). At a fixed θ
+    seed: the stochastic and chain flips' stream (0..2**32-1); unused by counter mode.
+    flip_threshold_final, anneal_steps: stochastic and chain modes: θ anneals from ``flip_threshold`` at step 0 to
+      ``flip_threshold_final`` at step ``anneal_steps`` and stays there (0, 0: θ constant). At a fixed θ
       a vote moves its trit with probability 1/θ however evenly the weight's votes split, so counter-free
       learning stops improving (d256 byte path: 4.07 bits/byte at step 200, 4.13 at 400); a rising θ lowers
       that noise floor as the run goes on (kernels/update.py ``flip_cutoff``). Held-out bits/byte against the
       float twin (benchmarks/RESULTS.md, 2026-12-01): small byte path, 1000 steps, θ 64 -> 2048: 1.00x (θ 64
       constant: 1.22x; int8 counters 0.81x); d256, 400 steps: 1.25x (1.39x; counters 1.01x); tiny, 200 steps:
       1.30-1.42x for every schedule tried (1.35x; counters 1.09x).
+    anneal_shape: how θ anneals: "geometric" (default), or "cosine": the move rate 1/θ falls on a half cosine
+      from 1/θ0 to 1/θ1 (kernels/update.py ``flip_cutoff``), holding fast moves longer. The chain learns better
+      with it (tiny, 200 steps, θ 1 -> 128: 1.144x the float twin against 1.176x geometric; benchmarks/RESULTS.md).
+    chain_scale, chain_power: chain mode only (module kernels/update_chain.py): a gradient moves its place with
+      probability min(1, |g| / (chain_scale * its group's rms |g|)) ** chain_power (times 1/θ). A power above 1
+      moves mostly the group's largest gradients; measured on tiny with outer starts and fixed norms (200 steps,
+      θ 1 -> 64 on a cosine): scale 1.5 / 2 / 2.5 at power 3: 1.162x / 1.146x / 1.148x; power 2 / 3 / 4 / 5 at
+      scale 2: 1.158x / 1.146x / 1.139x / 1.156x.
     dither: counter mode only: a fresh state's flip counters start uniform in [-(θ-1), θ-1] (drawn from the
       init generator) instead of 0. From zeros, every weight whose gradient sign holds for θ steps flips at
       step θ at once (1.6M trits of the small model at step 8, which blew up its multimodal losses); dithered
@@ -218,19 +237,32 @@ class UpdateConfig:
     counter_bits: int = 8
     flip_threshold_final: int = 0
     anneal_steps: int = 0
+    anneal_shape: str = "geometric"
+    chain_scale: float = 2.0
+    chain_power: float = 3.0
 
     def __post_init__(self) -> None:
-        if self.flip_mode not in ("counter", "stochastic"):
-            raise ValueError(f"UpdateConfig.flip_mode must be 'counter' or 'stochastic', got {self.flip_mode!r}")
+        if self.flip_mode not in FLIP_MODES:
+            raise ValueError(f"UpdateConfig.flip_mode must be one of {FLIP_MODES}, got {self.flip_mode!r}")
+        if self.anneal_shape not in ANNEAL_SHAPES:
+            raise ValueError(f"UpdateConfig.anneal_shape must be one of {ANNEAL_SHAPES}, got {self.anneal_shape!r}")
+        for name in ("chain_scale", "chain_power"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and value < float("inf")):
+                raise ValueError(f"UpdateConfig.{name} must be a positive finite number, got {value!r}")
+            if self.flip_mode != "chain" and value != getattr(UpdateConfig, name):
+                raise ValueError(f"UpdateConfig.{name} shapes chain flips; flip_mode {self.flip_mode!r} has none "
+                                 "(set flip_mode='chain' or leave it at its default)")
         if not 1 <= self.exp_threshold <= 127:
             raise ValueError(f"UpdateConfig.exp_threshold must be in 1..127 (an int8 accumulator), got "
                              f"{self.exp_threshold}")
         if self.flip_counters and not 1 <= self.flip_threshold <= 127:
             raise ValueError(f"UpdateConfig.flip_threshold must be in 1..127 (an int8 counter), got "
                              f"{self.flip_threshold}")
-        if self.flip_counters and (self.flip_threshold_final or self.anneal_steps):
-            raise ValueError("UpdateConfig.flip_threshold_final and anneal_steps anneal stochastic flips; counter "
-                             "mode has no schedule (set flip_mode='stochastic' or leave both 0)")
+        if self.flip_counters and (self.flip_threshold_final or self.anneal_steps or self.anneal_shape != "geometric"):
+            raise ValueError("UpdateConfig.flip_threshold_final, anneal_steps and anneal_shape anneal drawn flips; "
+                             "counter mode has no schedule (set flip_mode='stochastic' or 'chain', or leave them at "
+                             "their defaults)")
         if not self.flip_counters:  # θ up to 2**24 (a 24-bit draw), and the schedule's ints
             try:
                 check_flip_schedule(self.flip_threshold, self.flip_threshold_final, self.anneal_steps)

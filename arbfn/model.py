@@ -34,7 +34,7 @@ from arbfn.layers.norm import init_rmsnorm, rmsnorm
 from arbfn.layers.sequencers import audio_sequencer, image_sequencer, init_audio_sequencer, init_image_sequencer
 from arbfn.layers.text import init_text_sequencer, text_sequencer
 from arbfn.layers.vq import init_vq, update_vq_counters
-from arbfn.ternary import dither_flip_counters, init_ternary, linear, set_flip_counters
+from arbfn.ternary import dither_flip_counters, init_ternary, linear, set_chain_places, set_flip_counters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +82,9 @@ def modalities(cfg: ModelConfig) -> tuple[str, ...]:
 def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = None) -> State:
     """Fresh state for ``cfg``; ``generator=None`` gives a shape-only state on the meta device. A full
     :class:`Config` also sets the flip-counter layout of its update mode (none for stochastic flips; int8 or
-    4-bit nibbles by ``update.counter_bits``) and, with ``update.dither``, draws the counters' starting values
-    after the weights (the weights do not change)."""
+    4-bit nibbles by ``update.counter_bits``; a chain's place bits, outer for nonzero trits, the rest drawn after
+    the weights, with no exponent accumulators and fixed norm gains) and, with ``update.dither``, draws the
+    counters' starting values after the weights (the weights do not change)."""
     m = cfg.model if isinstance(cfg, Config) else cfg
     g, gs, d, seq = generator, m.group_size, m.d_model, m.sequencers
     params: dict[str, Any] = {"text": init_text_sequencer(m.vocab_size, m.d_embed, m.window, d, gs, g)}
@@ -108,10 +109,19 @@ def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = No
     params["talker"] = init_talker_head(d, gs, g, m.heads.talker_tokens)
     device = "meta" if generator is None else None
     if isinstance(cfg, Config):  # the update's flip mode and width decide the weights' flip counters (fresh zeros)
-        params = set_flip_counters(set_flip_counters(params, False), cfg.update.flip_counters, cfg.update.counter_bits)
+        if cfg.update.flip_mode == "chain":
+            params = set_chain_places(params, generator, fixed=is_norm_gain)
+        else:
+            params = set_flip_counters(set_flip_counters(params, False), cfg.update.flip_counters,
+                                       cfg.update.counter_bits)
         if cfg.update.flip_counters and cfg.update.dither and generator is not None:
             params = dither_flip_counters(params, cfg.update.flip_threshold, generator)
     return State(params, torch.zeros((), dtype=torch.int64, device=device), m)
+
+
+def is_norm_gain(path: tuple) -> bool:
+    """Whether a pytree path leads to an RMSNorm gain (a key ``norm...``): chain flips keep those at their init."""
+    return any(isinstance(k, pytree.MappingKey) and str(k.key).startswith("norm") for k in path)
 
 
 def check_batch(batch: torch.Tensor, cfg: ModelConfig) -> None:

@@ -3,8 +3,9 @@
 A :class:`TernaryWeight` holds only integers: packed trits (uint8, 5 per byte), an int8 log2 scale per
 group of ``group_size`` inputs, and the vote accumulators: int8 ``e_accum`` per group, and ``t_accum`` per
 weight for counter flips only (stochastic flips keep none: ``UpdateConfig.flip_mode``), int8 [N, K] or, with
-4-bit counters (``UpdateConfig.counter_bits``), uint8 nibble pairs [N, ceil(K/2)] (its dtype tells which:
-:func:`flip_counter_bits`). ``probe`` is never
+4-bit counters (``UpdateConfig.counter_bits``), uint8 nibble pairs [N, ceil(K/2)]; chain flips keep their place
+bits there, int16 words [N, ceil(K/16)], and no ``e_accum`` (their exponents stay put). Its dtype tells which:
+:func:`flip_counter_bits`. ``probe`` is never
 persistent: a train step attaches a zero float tensor there so that autograd delivers ``dL/dW`` (DESIGN.md §4).
 """
 
@@ -20,9 +21,10 @@ import torch.utils._pytree as pytree
 from kernels import embedding as embedding_ops
 from kernels import linear as linear_ops
 from kernels import update as update_ops
+from kernels import update_chain as chain_ops
 from kernels import update_group as update_group_ops
 from kernels.packing import (check_group_size, decode_reference, n_groups, pack_reference, packed_width,
-                             validate_packed)
+                             unpack_reference, validate_packed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +51,24 @@ class TernaryWeight:
 
     @property
     def trainable(self) -> bool:
-        """Whether the exponent accumulator is present (inference-only weights drop both accumulators)."""
-        return self.e_accum is not None
+        """Whether an accumulator is present: the exponents', or the chain's place bits (inference-only and fixed
+        weights keep neither)."""
+        return self.e_accum is not None or self.t_accum is not None
 
 
-_COUNTER_BITS = {torch.int8: 8, torch.uint8: 4}  # t_accum dtype -> counter width
+CHAIN_BITS = 1  # flip_counter_bits of a chain's place bits
+_COUNTER_BITS = {torch.int8: 8, torch.uint8: 4, chain_ops.PLACE_DTYPE: CHAIN_BITS}  # t_accum dtype -> bits/weight
 
 
 def flip_counter_bits(w: TernaryWeight) -> int | None:
-    """The width of ``w``'s flip counters (8: int8, 4: packed nibbles), None without counters or of another dtype."""
+    """The bits per weight of ``w``'s ``t_accum``: 8 (int8 counters), 4 (packed nibbles), 1 (a chain's place bits),
+    None without one or of another dtype."""
     return None if w.t_accum is None else _COUNTER_BITS.get(w.t_accum.dtype)
+
+
+def accumulator_layout(k: int, bits: int) -> tuple[torch.dtype, int]:
+    """(dtype, elements per row) of the ``t_accum`` of a k-column weight with ``bits`` per weight (8, 4 or 1)."""
+    return (chain_ops.PLACE_DTYPE, chain_ops.places_width(k)) if bits == CHAIN_BITS else update_ops.counter_layout(k, bits)
 
 
 def _flatten(w: TernaryWeight):
@@ -131,10 +141,12 @@ def validate_weight(w: TernaryWeight, name: str = "weight") -> None:
         check_group_size(w.group_size)
         validate_packed(w.packed, w.in_features)
         n, g = w.out_features, n_groups(w.in_features, w.group_size)
-        counter_dtype, counter_width = update_ops.counter_layout(w.in_features, flip_counter_bits(w) or 8)
+        bits = flip_counter_bits(w) or 8
+        counter_dtype, counter_width = accumulator_layout(w.in_features, bits)
         expected = {"exp": (w.exp, torch.int8, (n, g)), "t_accum": (w.t_accum, counter_dtype, (n, counter_width)),
                     "e_accum": (w.e_accum, torch.int8, (n, g))}
-        optional = {"t_accum": True, "e_accum": w.t_accum is None}  # stochastic flips: no t_accum; frozen: neither
+        # stochastic flips: no t_accum; chain flips: no e_accum; frozen: neither
+        optional = {"t_accum": True, "e_accum": w.t_accum is None or bits == CHAIN_BITS}
         for field, (t, dtype, shape) in expected.items():
             if t is None and optional.get(field, False):
                 continue
@@ -143,6 +155,9 @@ def validate_weight(w: TernaryWeight, name: str = "weight") -> None:
                 raise ValueError(f"{field} must be {dtype} {shape}, got {got}")
         if flip_counter_bits(w) == 4 and w.in_features % 2 and bool((w.t_accum[:, -1] >> 4).any()):
             raise ValueError("t_accum padding nibbles (high nibble of each row's last byte) must be 0")
+        if bits == CHAIN_BITS and w.in_features % chain_ops.PLACE_BITS and bool(
+                ((w.t_accum[:, -1].to(torch.int64) & chain_ops.PLACE_MASK) >> w.in_features % chain_ops.PLACE_BITS).any()):
+            raise ValueError("t_accum place bits beyond in_features (high bits of each row's last word) must be 0")
         if w.probe is not None:
             raise ValueError("a persistent weight must not carry a probe")
     except ValueError as e:
@@ -298,10 +313,14 @@ def dither_flip_counters(tree: Any, flip_threshold: int, generator: torch.Genera
 def set_flip_counters(tree: Any, present: bool, counter_bits: int = 8) -> Any:
     """``tree`` (params, a State, any pytree) with every trainable weight's ``t_accum`` present (kept, or zeros of
     ``counter_bits``: no votes yet) or dropped: the layout of a flip mode (``UpdateConfig.flip_counters``).
-    Counters of another width raise ValueError (they cannot be kept, and resetting them would lose votes)."""
+    Counters of another width raise ValueError (they cannot be kept, and resetting them would lose votes), as do a
+    chain's place bits (:func:`set_chain_places` lays a state out for chain flips)."""
     update_ops.check_counter_bits(counter_bits)
 
     def layout(w: TernaryWeight) -> TernaryWeight:
+        if flip_counter_bits(w) == CHAIN_BITS:
+            raise ValueError("this weight keeps a chain's place bits and no exponent accumulator: a chain state's "
+                             "layout belongs to its run (UpdateConfig.flip_mode 'chain')")
         if not w.trainable or (w.t_accum is None and not present):
             return w
         if w.t_accum is None:
@@ -317,6 +336,64 @@ def set_flip_counters(tree: Any, present: bool, counter_bits: int = 8) -> Any:
         return w
 
     return map_weights(layout, tree)
+
+
+def start_places(w: TernaryWeight, generator: torch.Generator | None) -> torch.Tensor:
+    """Fresh chain place bits for ``w`` (int32 words, on its device): each nonzero trit at the outer place of its
+    level (bit 1 for +1, 0 for -1), each zero trit's bit drawn from ``generator`` (0 without one; zeros throughout
+    on the meta device)."""
+    dtype, width = accumulator_layout(w.in_features, CHAIN_BITS)
+    if w.packed.device.type == "meta":
+        return torch.zeros((w.out_features, width), dtype=dtype, device=w.packed.device)
+    t = unpack_reference(w.packed.cpu(), w.in_features)
+    free = (torch.randint(0, 2, t.shape, generator=generator) if generator is not None
+            else torch.zeros(t.shape, dtype=torch.int64))
+    bits = torch.where(t > 0, 1, torch.where(t < 0, 0, free))
+    return chain_ops.pack_places(bits).to(w.packed.device)
+
+
+def set_chain_places(tree: Any, generator: torch.Generator | None = None,
+                     fixed: Callable[[tuple], bool] = lambda path: False) -> Any:
+    """``tree`` laid out for chain flips: every trainable weight keeps its place bits (or gets
+    :func:`start_places`, drawn in pytree order from ``generator``) and no exponent accumulator (its exponents
+    stay put; flip counters it had are dropped), and every weight whose pytree path ``fixed(path)`` accepts keeps
+    neither accumulator (it is not trained)."""
+
+    def layout(path: tuple, w: Any) -> Any:
+        if not is_ternary(w) or not w.trainable:
+            return w
+        if fixed(path):
+            return dataclasses.replace(w, t_accum=None, e_accum=None)
+        places = w.t_accum if flip_counter_bits(w) == CHAIN_BITS else start_places(w, generator)
+        return dataclasses.replace(w, t_accum=places, e_accum=None)
+
+    return pytree.tree_map_with_path(layout, tree, is_leaf=is_ternary)
+
+
+def update_chain_weights(ws: list[TernaryWeight], grads: list[torch.Tensor | None], step: torch.Tensor,
+                         cutoff: torch.Tensor, scale: float, power: float, seed: int = 0, first_index: int = 0
+                         ) -> tuple[list[TernaryWeight], torch.Tensor]:
+    """One chain step (``arbfn::ternary_update_chain``, kernels/update_chain.py) of every weight of ``ws`` with a
+    gradient and place bits, weight i drawing from the stream of (run ``seed``, weight number ``first_index + i``),
+    its move probabilities times ``cutoff`` (:func:`kernels.update.flip_cutoff` of the step); the others are kept
+    as they are. Returns (new weights, trits flipped)."""
+    if len(grads) != len(ws):
+        raise ValueError(f"update_chain_weights needs one gradient (or None) per weight: {len(ws)} weights, "
+                         f"{len(grads)} gradients")
+    flips = torch.zeros((), dtype=torch.int64, device=step.device)
+    out = list(ws)
+    for i, (w, g) in enumerate(zip(ws, grads)):
+        if g is None or not w.trainable:
+            continue
+        if flip_counter_bits(w) != CHAIN_BITS:
+            raise ValueError(f"chain flips need place bits (int16 t_accum); weight {first_index + i} has "
+                             f"{'none' if w.t_accum is None else w.t_accum.dtype} (set_chain_places lays a state out)")
+        packed, places, n = chain_ops.ternary_update_chain(w.packed, w.t_accum, g, step, cutoff, w.in_features,
+                                                           w.group_size, scale, power,
+                                                           update_ops.stream_seed(seed, first_index + i))
+        out[i] = TernaryWeight(packed, w.exp, places, None, w.in_features, w.group_size)
+        flips = flips + n
+    return out, flips
 
 
 def to_device(tree: Any, device: torch.device | str) -> Any:

@@ -23,7 +23,7 @@ from arbfn import data as data_mod
 from arbfn.config import Config, TrainConfig, UpdateConfig
 from arbfn.model import State, apply_model, update_counters
 from arbfn.objective import as_batch, byte_loss, objective
-from arbfn.ternary import attach_probes, make_probes, update_weights, weights_with_grads
+from arbfn.ternary import attach_probes, make_probes, update_chain_weights, update_weights, weights_with_grads
 from kernels.update import flip_cutoff
 
 Metrics = dict[str, torch.Tensor]
@@ -63,14 +63,19 @@ def gradient_signals(state: State, batch: Any, tc: TrainConfig | None = None) ->
 def apply_update(state: State, grads: Any, update: UpdateConfig) -> tuple[State, dict[str, torch.Tensor]]:
     """New state after one sign-vote update from ``grads``; counts of flipped trits and moved exponents.
 
-    Stochastic flips (``update.flip_mode``) draw from (update.seed, the state's step, the weight's number in
-    pytree order), so the update stays a function of its inputs; their θ follows the config's schedule."""
-    step = state.step if update.flip_mode == "stochastic" else None
+    Stochastic and chain flips (``update.flip_mode``) draw from (update.seed, the state's step, the weight's number
+    in pytree order), so the update stays a function of its inputs; their θ follows the config's schedule. Chain
+    flips move no exponent."""
+    step = state.step if update.flip_mode != "counter" else None
     cutoff = None if step is None else flip_cutoff(step, update.flip_threshold, update.flip_threshold_final,
-                                                   update.anneal_steps)  # once per step, shared by every weight
+                                                   update.anneal_steps, update.anneal_shape)  # once per step
     ws, gs, rebuild = weights_with_grads(state.params, grads)
-    new, flips, moves = update_weights(ws, gs, update.flip_threshold, update.exp_threshold, step, update.seed,
-                                       update.counter_bits, cutoff)
+    if update.flip_mode == "chain":
+        new, flips = update_chain_weights(ws, gs, step, cutoff, update.chain_scale, update.chain_power, update.seed)
+        moves = torch.zeros_like(flips)
+    else:
+        new, flips, moves = update_weights(ws, gs, update.flip_threshold, update.exp_threshold, step, update.seed,
+                                           update.counter_bits, cutoff)
     return State(rebuild(new), state.step + 1, state.config), {"flips": flips, "exp_moves": moves}
 
 

@@ -30,7 +30,9 @@ therefore compile the loss and take gradients with ``torch.autograd.grad`` outsi
 ``torch.library.triton_op`` is not used: it breaks ``torch.compile`` on CPU ("0 active drivers").
 
 Ops: ``arbfn::pack``, ``arbfn::unpack`` (packing.py); ``arbfn::linear_fwd``, ``arbfn::linear_bwd_x``
-(linear.py); ``arbfn::embedding_fwd`` (embedding.py); ``arbfn::ternary_update``, ``arbfn::ternary_update_nibble``, ``arbfn::ternary_update_stochastic`` (update.py); ``arbfn::ternary_update_group`` (update_group.py: a list of weights in one op); ``arbfn::rmsnorm_fwd``, ``arbfn::rmsnorm_bwd`` (rmsnorm.py); ``arbfn::add_rmsnorm_fwd``, ``arbfn::add_rmsnorm_bwd`` (add_rmsnorm.py: the residual add fused in); ``arbfn::route_combine``, ``arbfn::route_combine_bwd_expert``, ``arbfn::route_combine_bwd_weights`` (moe.py); ``arbfn::edge_aggregate``, ``arbfn::edge_aggregate_bwd``, ``arbfn::gather_residual`` (graph.py); ``arbfn::denoise_fwd``, ``arbfn::denoise_bwd`` (denoise.py).
+(linear.py); ``arbfn::embedding_fwd`` (embedding.py); ``arbfn::ternary_update``, ``arbfn::ternary_update_nibble``, ``arbfn::ternary_update_stochastic`` (update.py); ``arbfn::ternary_update_group`` (update_group.py: a list of weights in one op); ``arbfn::ternary_update_chain``
+(update_chain.py: chain flips, a place bit per weight; reference only, no Triton kernel yet); ``arbfn::rmsnorm_fwd``, ``arbfn::rmsnorm_bwd`` (rmsnorm.py); ``arbfn::add_rmsnorm_fwd``, ``arbfn::add_rmsnorm_bwd`` (add_rmsnorm.py: the residual add fused in); ``arbfn::route_combine``, ``arbfn::route_combine_bwd_expert``, ``arbfn::route_combine_bwd_weights`` (moe.py); ``arbfn::edge_aggregate``, ``arbfn::edge_aggregate_bwd``, ``arbfn::gather_residual`` (graph.py); ``arbfn::denoise_fwd``, ``arbfn::denoise_bwd`` (denoise.py).
 """
 
-from kernels import add_rmsnorm, denoise, embedding, graph, linear, moe, packing, rmsnorm, update, update_group  # noqa: F401  (importing registers the ops)
+from kernels import (add_rmsnorm, denoise, embedding, graph, linear, moe, packing, rmsnorm, update,  # noqa: F401
+                     update_chain, update_group)  # (importing registers the ops)

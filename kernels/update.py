@@ -192,19 +192,31 @@ def draws(key: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return mix32((idx * WEYL + key) & MASK32) >> (32 - DRAW_BITS)
 
 
+ANNEAL_SHAPES = ("geometric", "cosine")
+
+
 def flip_cutoff(step: torch.Tensor, flip_threshold: int, flip_threshold_final: int = 0,
-                anneal_steps: int = 0) -> torch.Tensor:
+                anneal_steps: int = 0, shape: str = "geometric") -> torch.Tensor:
     """The 0-dim int64 cutoff at ``step`` (a vote moves its trit where its draw is below it): floor(2**24 / θ)
-    for a constant θ, else θ annealed geometrically to ``flip_threshold_final`` over ``anneal_steps`` (module
-    docstring). Torch ops on the step tensor, so a compiled step fuses them and a graph never bakes them in."""
+    for a constant θ, else θ annealed to ``flip_threshold_final`` over ``anneal_steps`` (module docstring):
+    geometrically, or with ``shape`` "cosine" the move rate 1/θ on a half cosine, 1/θ1 + (1/θ0 - 1/θ1) * (1 +
+    cos(pi * step / T)) / 2, which holds near 1/θ0 longer and falls faster at the end. Torch ops on the step
+    tensor, so a compiled step fuses them and a graph never bakes them in."""
     check_flip_schedule(flip_threshold, flip_threshold_final, anneal_steps)
+    if shape not in ANNEAL_SHAPES:
+        raise ValueError(f"shape must be one of {ANNEAL_SHAPES}, got {shape!r}")
     last = torch.full((), (1 << DRAW_BITS) // (flip_threshold_final or flip_threshold), dtype=torch.int64,
                       device=step.device)
     if flip_threshold_final == 0:
         return last
     frac = step.clamp(0, anneal_steps).to(torch.float64) / anneal_steps
-    theta = flip_threshold * (flip_threshold_final / flip_threshold) ** frac
-    return torch.where(step >= anneal_steps, last, torch.floor((1 << DRAW_BITS) / theta).to(torch.int64))
+    if shape == "cosine":
+        rate = 1 / flip_threshold_final + (1 / flip_threshold - 1 / flip_threshold_final) * (
+            1 + torch.cos(torch.pi * frac)) / 2
+        cut = torch.floor((1 << DRAW_BITS) * rate)
+    else:
+        cut = torch.floor((1 << DRAW_BITS) / (flip_threshold * (flip_threshold_final / flip_threshold) ** frac))
+    return torch.where(step >= anneal_steps, last, cut.to(torch.int64))
 
 
 # ---------------------------------------------------------------- 4-bit counters (torch)
