@@ -129,18 +129,27 @@ class _FirstConfig:
         return lambda *args, **kwargs: self.fn[grid(meta) if callable(grid) else grid](*args, **kwargs, **meta)
 
 
-def autotuned(configs: list[triton.Config], key: list[str], reset_to_zero: list[str] | None = None):
+def autotuned(configs: list[triton.Config], key: list[str], reset_to_zero: list[str] | None = None,
+              restore_value: list[str] | None = None):
     """``triton.autotune`` over ``configs`` per distinct ``key`` values, results cached on disk
     (``cache_results``): a shape is tuned once, at its first launch, never at import. Under the
     interpreter, or with ``ARBFN_AUTOTUNE=0`` (GPU test runs over hundreds of random shapes), the first
     config runs untimed. Grids must be callables of the chosen meta-parameters. Either way the result has
-    ``.fn`` (the plain kernel) and ``.configs``, so tests can run every config the tuner may pick.
-    ``reset_to_zero`` names output arguments the tuner zeroes before each timed run and before the real one
-    (outputs that a config's grid writes only in part, so that a timed run's leftovers cannot stay)."""
+    ``.fn`` (the plain kernel), ``.configs``, and the ``reset_to_zero`` and ``restore_value`` lists, so tests can
+    run every config the tuner may pick and check what it protects.
+    The tuner times each config by running it on the real arguments, several times, before the real launch.
+    ``reset_to_zero`` names output arguments it zeroes before each timed run and before the real one (outputs
+    that a config's grid writes only in part, so that a timed run's leftovers cannot stay); ``restore_value``
+    names arguments it saves before timing and restores after each timed run: any output a kernel adds into
+    (atomics on an initialised buffer), which every timed run would otherwise add into again."""
     def wrap(fn):
         if interpreting() or os.environ.get("ARBFN_AUTOTUNE", "1") == "0":
-            return _FirstConfig(fn, configs)
-        return triton.autotune(configs=configs, key=key, cache_results=True, reset_to_zero=reset_to_zero)(fn)
+            tuned = _FirstConfig(fn, configs)
+        else:
+            tuned = triton.autotune(configs=configs, key=key, cache_results=True, reset_to_zero=reset_to_zero,
+                                    restore_value=restore_value)(fn)
+        tuned.protected = {"reset_to_zero": list(reset_to_zero or []), "restore_value": list(restore_value or [])}
+        return tuned
     return wrap
 
 

@@ -470,7 +470,8 @@ _FUSED_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_O": o}, num_warps=w)  # on
                   for r, o, w in ((1, 128, 4), (2, 128, 4), (1, 256, 4), (1, 128, 2))]  # registers (56-68 at the first)
 
 
-@autotuned(_FUSED_CONFIGS, key=["N", "K", "GS"], reset_to_zero=["count_ptr", "exp_count_ptr"])
+@autotuned(_FUSED_CONFIGS, key=["N", "K", "GS"], reset_to_zero=["count_ptr", "exp_count_ptr"],
+           restore_value=["new_packed_ptr"])  # the flips add into a copy of the old bytes: restore it after each timing
 # K is specialized: its divisibility sets the vector width
 @triton.jit(do_not_specialize=["N", "KB", "KT", "G", "TH", "THE", "SEED_HI", "SEED_LO"])
 def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr, e_accum_ptr, new_packed_ptr,

@@ -183,3 +183,33 @@ def test_every_fused_update_config_matches_reference(kernel_device, monkeypatch,
                                                flip_threshold=th, exp_threshold=the, counter_bits=bits)
         for got, want in zip(out, ref):
             assert torch.equal(got.cpu(), want), config.all_kwargs()
+
+
+def test_the_fused_update_restores_its_packed_output_between_timed_runs():
+    """The tuner times each config on the real arguments before the real launch; the fused update adds each flip
+    into a copy of the old bytes, so every timed run would add its flips again (Triton issues 4217 and 6547) unless
+    the tuner restores that copy after each run."""
+    assert update._fused_kernel.protected == {"reset_to_zero": ["count_ptr", "exp_count_ptr"],
+                                              "restore_value": ["new_packed_ptr"]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tuner runs only on a GPU")
+def test_a_tuned_first_launch_of_the_fused_update_equals_the_reference():
+    """A shape the tuner has not seen (so this launch times every config first) still gives the reference's
+    bytes, counters and counts, with int8 counters and with stochastic flips."""
+    g = torch.Generator().manual_seed(0)
+    n, k, gs = 96 + int(torch.randint(0, 4096, (1,), generator=g)), 1000, 32  # a fresh tuning key per run
+    packed = pack_reference(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
+    exp = torch.randint(-12, 6, (n, n_groups(k, gs)), generator=g, dtype=torch.int8)
+    e_accum = torch.randint(-3, 4, exp.shape, generator=g, dtype=torch.int8)
+    grad = torch.randn((n, k), generator=g)
+    t_accum = torch.randint(-2, 3, (n, k), generator=g, dtype=torch.int8)
+    step, cutoff = torch.tensor(3), torch.tensor(1 << 22)
+    cuda = [x.cuda() for x in (packed, exp, t_accum, e_accum, grad)]
+    want = update.ternary_update_reference(packed, exp, t_accum, e_accum, grad, k, gs, 2, 3)
+    got = update.ternary_update_triton(*cuda, k, gs, 2, 3)
+    assert all(torch.equal(w, x.cpu()) for w, x in zip(want, got))
+    want = update.ternary_update_stochastic_reference(packed, exp, e_accum, grad, step, cutoff, k, gs, 3, 7)
+    got = update.ternary_update_stochastic_triton(cuda[0], cuda[1], cuda[3], cuda[4], step.cuda(), cutoff.cuda(), k,
+                                                  gs, 3, 7)
+    assert all(torch.equal(w, x.cpu()) for w, x in zip(want, got))
