@@ -112,6 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
     cfg = _with_update_flags(cfg, args, resuming=state is not None)
     distributed.check_batch_size(cfg.train.batch_size, world)
+    if world > 1 or ranked:
+        distributed.check_update(cfg.update)
     if world > 1 and args.step not in (None, "eager"):
         raise ValueError(f"--step {args.step} is for one process; data-parallel ranks run the eager step")
     if world > 1 and not ranked:

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from arbfn import checkpoint
-from arbfn.config import Config
+from arbfn.config import Config, UpdateConfig
 from arbfn.model import State
 from arbfn.objective import as_batch
 from arbfn.train import finish_step, gradient_signals, train
@@ -125,6 +125,14 @@ def _collective(what: str) -> Iterator[None]:
 def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
     # all_gather_single is the name on torch >= 2.13; the GPU image's torch 2.11 has all_gather_into_tensor
     (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp)
+
+
+def check_update(update: UpdateConfig) -> None:
+    """ValueError unless the update rule reads only the signs of its gradients, which is all the ranks exchange:
+    chain flips (``flip_mode`` "chain") weigh each vote by its gradient's magnitude, so they train in one process."""
+    if update.flip_mode == "chain":
+        raise ValueError("chain flips weigh votes by gradient magnitudes, and data-parallel ranks exchange only "
+                         "their signs: train flip_mode 'chain' in one process")
 
 
 def check_batch_size(batch_size: int, world: int) -> int:
@@ -228,6 +236,7 @@ def data_parallel_step(state: State, batch: Any, cfg: Config, exchange: str = "t
     """One training step of this rank on its shard of the global ``batch``; identical new state on every rank."""
     if cfg.model != state.config:
         raise ValueError("data_parallel_step: cfg.model differs from the state's model config")
+    check_update(cfg.update)
     grads, loss, aux = gradient_signals(state, shard(batch, rank(), world_size()), cfg.train)
     votes = exchange_votes(grads, exchange)
     loss, aux = exchange_aux(loss, aux)
@@ -274,6 +283,7 @@ def train_data_parallel(cfg: Config, state: State, corpus: bytes, out_dir: Path 
     """:func:`arbfn.train.train` with the data-parallel step; only rank 0 writes metrics and calls ``on_step``.
 
     Ends by checking that every rank holds the same state."""
+    check_update(cfg.update)
     check_batch_size(cfg.train.batch_size, world_size())
     lead = rank() == 0
     state, history = train(cfg, state, corpus, out_dir if lead else None, on_step if lead else None,

@@ -68,7 +68,9 @@ def flip_counter_bits(w: TernaryWeight) -> int | None:
 
 def accumulator_layout(k: int, bits: int) -> tuple[torch.dtype, int]:
     """(dtype, elements per row) of the ``t_accum`` of a k-column weight with ``bits`` per weight (8, 4 or 1)."""
-    return (chain_ops.PLACE_DTYPE, chain_ops.places_width(k)) if bits == CHAIN_BITS else update_ops.counter_layout(k, bits)
+    if bits == CHAIN_BITS:
+        return chain_ops.PLACE_DTYPE, chain_ops.places_width(k)
+    return update_ops.counter_layout(k, bits)
 
 
 def _flatten(w: TernaryWeight):
@@ -155,8 +157,9 @@ def validate_weight(w: TernaryWeight, name: str = "weight") -> None:
                 raise ValueError(f"{field} must be {dtype} {shape}, got {got}")
         if flip_counter_bits(w) == 4 and w.in_features % 2 and bool((w.t_accum[:, -1] >> 4).any()):
             raise ValueError("t_accum padding nibbles (high nibble of each row's last byte) must be 0")
-        if bits == CHAIN_BITS and w.in_features % chain_ops.PLACE_BITS and bool(
-                ((w.t_accum[:, -1].to(torch.int64) & chain_ops.PLACE_MASK) >> w.in_features % chain_ops.PLACE_BITS).any()):
+        used = w.in_features % chain_ops.PLACE_BITS  # place bits used in each row's last word (0: all)
+        last = w.t_accum[:, -1].to(torch.int64) & chain_ops.PLACE_MASK if bits == CHAIN_BITS else None
+        if last is not None and used and bool((last >> used).any()):
             raise ValueError("t_accum place bits beyond in_features (high bits of each row's last word) must be 0")
         if w.probe is not None:
             raise ValueError("a persistent weight must not carry a probe")

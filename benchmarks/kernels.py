@@ -22,6 +22,7 @@ from kernels import gemv_lut
 from kernels._triton import cdiv
 from kernels.packing import decode_reference, n_groups, pack, packed_width
 from kernels.update import flip_cutoff
+from kernels.update_chain import places_width, ternary_update_chain_triton
 
 GROUP_SIZE = 32
 
@@ -127,6 +128,14 @@ def bandwidth_rows(device: torch.device, copy_gbs: float, scale: int) -> list[li
     add(f"ternary_update_stochastic {n}x{k}",
         lambda: ops.ternary_update_stochastic(up, ue, e_acc, grad, step, cutoff, k, GROUP_SIZE, 32, 0),
         2 * (up.numel() + 2 * ue.numel()) + grad.numel() * 4)
+    places = torch.zeros(n, places_width(k), dtype=torch.int16, device=device)
+    chain_bytes = 2 * (up.numel() + places.numel() * 2) + grad.numel() * 4  # no exponent moves
+    add(f"ternary_update_chain {n}x{k} (the op: reference)",
+        lambda: ops.ternary_update_chain(up, places, grad, step, cutoff, k, GROUP_SIZE, 2.0, 3.0, 0), chain_bytes)
+    if device.type == "cuda":  # the kernel, not yet the op's CUDA dispatch (kernels/update_chain.py)
+        add(f"ternary_update_chain {n}x{k} (Triton)",
+            lambda: ternary_update_chain_triton(up, places, grad, step, cutoff, k, GROUP_SIZE, 2.0, 3.0, 0),
+            chain_bytes)
     e_, n_, d_ = 8, 2048 * scale, 512
     expert_out = torch.randn(e_, n_, d_, generator=gen).to(device)
     weights = torch.rand(n_, e_, generator=gen).to(device)

@@ -32,7 +32,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks._timing import format_table  # noqa: E402
-from kernels import embedding, gemv_lut, linear, update  # noqa: E402
+from kernels import embedding, gemv_lut, linear, update, update_chain  # noqa: E402
 from kernels.linear import gemv_slots  # noqa: E402
 
 _LINE = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
@@ -154,6 +154,13 @@ def cases() -> list[Case]:
                             {"GS": gs, "BLOCK_R": 1, "BLOCK_O": 128, "STOCHASTIC": mode == "stochastic",
                              "NIBBLES": mode == "nibble"}, tuple(range(13)) + (14,), warps, 128 * 8 / (32 * warps),
                             "weight"))
+    chain = {"packed_ptr": "*u8", "places_ptr": "*u8", "grad_ptr": "*fp32", **stream, "new_packed_ptr": "*u8",
+             "new_places_ptr": "*u8", "count_ptr": "*i32", "N": "i32", "K": "i32", "KB": "i32", "KP": "i32", "G": "i32",
+             "scale": "fp32", "power": "fp32", "SEED_HI": "i32", "SEED_LO": "i32"}
+    for warps in (4, 2):  # the chain kernel tunes over the fused update's configs
+        out.append(Case(f"chain update ({warps} warps)", update_chain._chain_kernel, chain,
+                        {"GS": gs, "BLOCK_R": 1, "BLOCK_O": 128}, (0, 1, 2, 3, 4, 5, 6, 7, 9), warps,
+                        128 * 8 / (32 * warps), "weight"))
     out.append(Case("exponent", update._exp_update_kernel, exp, {"GS": gs, "GS_P2": gs, "BLOCK_Q": 128},
                     (0, 1, 2, 3, 4, 5, 6, 8), 4, 128 * gs / 128, "weight"))
     return out

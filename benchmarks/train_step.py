@@ -6,7 +6,7 @@ Each step is timed synced one by one (host work in front of the device's shows) 
 (as a loop that reads its metrics every few steps runs: host work overlaps the device work before it).
 
     python -m benchmarks.train_step [--device cuda] [--preset small] [--batch 16] [--context 256]
-                                    [--matmul-precision highest|high] [--layouts stochastic,annealed,nibble]
+                                    [--matmul-precision highest|high] [--layouts stochastic,annealed,nibble,chain]
                                     [--compute-dtype float32|bfloat16] [--reps 8]
                                     [--kinds eager,compiled,"CUDA graph"]
 """
@@ -113,7 +113,9 @@ def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device, reps: int = 
 
 
 LAYOUTS = {"stochastic": dict(flip_mode="stochastic"), "nibble": dict(counter_bits=4, flip_threshold=7),
-           "annealed": dict(flip_mode="stochastic", flip_threshold=64, flip_threshold_final=2048, anneal_steps=1000)}
+           "annealed": dict(flip_mode="stochastic", flip_threshold=64, flip_threshold_final=2048, anneal_steps=1000),
+           "chain": dict(flip_mode="chain", flip_threshold=1, flip_threshold_final=128, anneal_steps=1000,
+                         anneal_shape="cosine")}
 
 
 def with_layout(cfg: Config, layout: str) -> Config:
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layouts", default="",
                     help="comma list of extra byte-path update layouts to time compiled: 'stochastic' (no flip "
                          "counters), 'annealed' (the same, θ 64 -> 2048 over 1000 steps), 'nibble' (4-bit counters, "
-                         "flip threshold 7)")
+                         "flip threshold 7), 'chain' (a place bit per weight, fixed exponents; its update runs the "
+                         "pure-torch reference on every device)")
     ap.add_argument("--reps", type=int, default=8,
                     help="timed steps per row (their median is the row's time; graphed rows move by ~10%% between "
                          "runs at 8)")

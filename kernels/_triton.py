@@ -188,6 +188,15 @@ def octet_value(packed_ptr, rows, octets, ok, KB):
 
 
 @triton.jit
+def octet_trits(packed_ptr, rows, octets, ok, KB):
+    """int32 trits [rows, octets, 8] (-1, 0, +1) of columns ``8 * octet + j`` from :func:`octet_value` (unspecified
+    where ``ok`` fails)."""
+    vf = octet_value(packed_ptr, rows, octets, ok, KB)[:, :, None]
+    j = tl.arange(0, 8)[None, None, :]
+    return (floor_div_pow3_wide(vf, j) - floor_div_pow3_wide(vf, j + 1) * 3.0).to(tl.int32) - 1
+
+
+@triton.jit
 def octet_columns(octets):
     """Columns [1, octets, 8] of a 1-D block of octets: ``8 * octet + j``, j in registers."""
     return octets[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]

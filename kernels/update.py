@@ -68,8 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import (autotuned, cdiv, check_launchable, floor_div_pow3_wide, octet_columns, octet_value,
-                             pow3, trit_of)
+from kernels._triton import autotuned, cdiv, check_launchable, octet_columns, octet_trits, pow3, trit_of
 from kernels.packing import check_group_size, n_groups, pack_reference, packed_width, unpack_reference
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -320,15 +319,20 @@ def _sign_of(grad_ptr, offs, mask):
 
 
 @triton.jit
-def _octet_signs(grad_ptr, base, row_ok, octets, K, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
-    """int32 signs [BLOCK_R, BLOCK_O, 8] of the gradients at ``base + j`` (column 8 * octet + j < K), each thread
+def _octet_grads(grad_ptr, base, row_ok, octets, K, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    """fp32 gradients [BLOCK_R, BLOCK_O, 8] at ``base + j`` (column 8 * octet + j < K; 0 elsewhere), each thread
     holding whole octets: two [.., 4] loads (128 bits each) joined in registers."""
     i = tl.arange(0, 4)[None, None, :]
     lo_cols = octets[None, :, None] * 8 + i
     lo = tl.load(grad_ptr + base + i, mask=row_ok & (lo_cols < K), other=0.0).to(tl.float32)
     hi = tl.load(grad_ptr + base + 4 + i, mask=row_ok & (lo_cols + 4 < K), other=0.0).to(tl.float32)
-    g = tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (BLOCK_R, BLOCK_O, 8))
-    return _sign_bits(g)
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (BLOCK_R, BLOCK_O, 8))
+
+
+@triton.jit
+def _octet_signs(grad_ptr, base, row_ok, octets, K, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    """int32 signs [BLOCK_R, BLOCK_O, 8] of :func:`_octet_grads`."""
+    return _sign_bits(_octet_grads(grad_ptr, base, row_ok, octets, K, BLOCK_R, BLOCK_O))
 
 
 @triton.jit
@@ -342,14 +346,20 @@ def _mix32u(x):
 
 
 @triton.jit
-def _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs):
-    """Where the draw of each weight at flat int32 offsets ``offs`` falls below the cutoff: the stream key
-    (:func:`step_key` of the step mod 2**32 and seed ``SEED_HI * 2**16 + SEED_LO``) and :func:`draws`, in
-    uint32; the cutoff clamped to 0..2**24 (the draws' range, so the outcome is the reference's)."""
+def _draws(step_ptr, SEED_HI, SEED_LO, offs):
+    """The 24-bit draws (int32) of the weights at flat int32 offsets ``offs``: the stream key (:func:`step_key` of
+    the step mod 2**32 and seed ``SEED_HI * 2**16 + SEED_LO``) and :func:`draws`, in uint32."""
     seed = (SEED_HI.to(tl.uint32) << 16) | SEED_LO.to(tl.uint32)
     key = _mix32u(tl.load(step_ptr).to(tl.uint32) * 0x61C88647 + seed)
+    return (_mix32u(offs.to(tl.uint32) * 0x61C88647 + key) >> 8).to(tl.int32)
+
+
+@triton.jit
+def _stochastic_go(step_ptr, cut_ptr, SEED_HI, SEED_LO, offs):
+    """Where the draw of each weight at flat int32 offsets ``offs`` (:func:`_draws`) falls below the cutoff,
+    clamped to 0..2**24 (the draws' range, so the outcome is the reference's)."""
     cut = tl.minimum(tl.maximum(tl.load(cut_ptr), 0), 1 << 24).to(tl.int32)
-    return (_mix32u(offs.to(tl.uint32) * 0x61C88647 + key) >> 8).to(tl.int32) < cut
+    return _draws(step_ptr, SEED_HI, SEED_LO, offs) < cut
 
 
 @triton.jit
@@ -466,6 +476,36 @@ def _add_to_byte(words, rn, q0, i: tl.constexpr, delta, row_ok, KB):
                   sem="relaxed")
 
 
+@triton.jit
+def _octet_tile(new_packed_ptr, N, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    """(int32 view of ``new_packed_ptr``, program ids, rows, row mask, octets, column-in-octet index [1, 1, 8]) of
+    this program's [BLOCK_R, BLOCK_O, 8] tile."""
+    words = new_packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    pid_r, pid_o = tl.program_id(0), tl.program_id(1)
+    rn = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    octets = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    return words, pid_r, pid_o, rn, rn < N, octets, tl.arange(0, 8)[None, None, :]
+
+
+@triton.jit
+def _add_octet_moves(words, rn, octets, dt, j, row_ok, KB):
+    """Add each octet's trit moves ``dt`` [rows, octets, 8] (-1, 0, +1; column j of the octet at ``j``) to the
+    packed bytes under it (``words``: the int32 view of a copy of the old bytes) by :func:`_add_to_byte`."""
+    # column j of the octet is digit r0 + j of byte q0 when r0 + j < 5, digit r0 + j - 5 of byte q0 + 1 below 10,
+    # else digit r0 + j - 10 of q0 + 2
+    q0 = octets * 8 // 5
+    r0 = octets * 8 - 5 * q0
+    # the octet's moves as one integer, sum of moved_j * 3**(r0 + j) = d0 + 243 d1 + 59049 d2 with |d0|, |d1| <=
+    # 121: the three byte deltas come back by rounded division (offsets keep the dividends >= 0)
+    total = tl.sum(dt * tl.where(j < 5, pow3(j), 243 * pow3(j - 5)), axis=2) * pow3(r0)[None, :]
+    d2 = (total + (29524 + 5 * 59049)) // 59049 - 5
+    rest = total - 59049 * d2
+    d1 = (rest + (121 + 121 * 243)) // 243 - 121
+    _add_to_byte(words, rn, q0, 0, rest - 243 * d1, row_ok, KB)
+    _add_to_byte(words, rn, q0, 1, d1, row_ok, KB)
+    _add_to_byte(words, rn, q0, 2, d2, row_ok, KB)
+
+
 _FUSED_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_O": o}, num_warps=w)  # one or two octets per thread: few
                   for r, o, w in ((1, 128, 4), (2, 128, 4), (1, 256, 4), (1, 128, 2))]  # registers (56-68 at the first)
 
@@ -480,24 +520,18 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
                   STOCHASTIC: tl.constexpr, NIBBLES: tl.constexpr):
     """Both rules in one pass over a [BLOCK_R rows, BLOCK_O octets, 8 columns] tile (GS a power of two from 8
     to 8 * BLOCK_O, so the tile holds whole groups): a thread's octet of gradients and counters loads and
-    stores as vectors, its old trits come from :func:`kernels._triton.octet_value` (digits by per-register
+    stores as vectors, its old trits come from :func:`kernels._triton.octet_trits` (digits by per-register
     constants), the exponent rule sums each group over its octets, and each flipped trit adds
     (t' - t) * 3**digit to its byte through an int32 atomic add on the aligned word that holds it
     (``new_packed_ptr``: 4-byte aligned, already a copy of the old bytes, with room after them). Integer adds
     commute, so the result does not depend on their order; flips are rare, so are the atomics. The programs
     of the last octet block also write each row's padding digits as zero trits."""
     NGB: tl.constexpr = BLOCK_O * 8 // GS  # groups per tile row
-    words = new_packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    pid_r, pid_o = tl.program_id(0), tl.program_id(1)
-    rn = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rn < N
-    octets = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    words, pid_r, pid_o, rn, row_ok, octets, j = _octet_tile(new_packed_ptr, N, BLOCK_R, BLOCK_O)
     cols = octet_columns(octets)  # [1, BLOCK_O, 8]
-    j = tl.arange(0, 8)[None, None, :]
     mask = row_ok[:, None, None] & (cols < K)
     offs = rn[:, None, None] * K + cols
-    vf = octet_value(packed_ptr, rn, octets, row_ok[:, None] & (octets * 8 < K)[None, :], KB)[:, :, None]
-    t = (floor_div_pow3_wide(vf, j) - floor_div_pow3_wide(vf, j + 1) * 3.0).to(tl.int32) - 1
+    t = octet_trits(packed_ptr, rn, octets, row_ok[:, None] & (octets * 8 < K)[None, :], KB)
     # without the int8 counters' 8-wide load to anchor an octet per thread, fp32 gradients load 4 per thread (128
     # bits) and split each octet over two threads: load them as two 4-column halves joined in registers
     if STOCHASTIC or NIBBLES:
@@ -535,19 +569,7 @@ def _fused_kernel(packed_ptr, t_accum_ptr, grad_ptr, step_ptr, cut_ptr, exp_ptr,
                      mask=row_ok[:, None, None] & (hcol < KT))
         else:
             tl.store(new_t_accum_ptr + offs, a.to(tl.int8), mask=mask)
-    # each octet's flips as deltas of the (at most) three bytes under it: column j of the octet is digit r0 + j
-    # of byte q0 when r0 + j < 5, digit r0 + j - 5 of byte q0 + 1 below 10, else digit r0 + j - 10 of q0 + 2
-    q0 = octets * 8 // 5
-    r0 = octets * 8 - 5 * q0
-    # the octet's moves as one integer, sum of moved_j * 3**(r0 + j) = d0 + 243 d1 + 59049 d2 with |d0|, |d1| <=
-    # 121: the three byte deltas come back by rounded division (offsets keep the dividends >= 0)
-    total = tl.sum(dt * tl.where(j < 5, pow3(j), 243 * pow3(j - 5)), axis=2) * pow3(r0)[None, :]
-    d2 = (total + (29524 + 5 * 59049)) // 59049 - 5
-    rest = total - 59049 * d2
-    d1 = (rest + (121 + 121 * 243)) // 243 - 121
-    _add_to_byte(words, rn, q0, 0, rest - 243 * d1, row_ok, KB)
-    _add_to_byte(words, rn, q0, 1, d1, row_ok, KB)
-    _add_to_byte(words, rn, q0, 2, d2, row_ok, KB)
+    _add_octet_moves(words, rn, octets, dt, j, row_ok, KB)
     tl.store(count_ptr + pid, tl.sum(tl.sum(tl.sum(dt & 1, axis=2), axis=1), axis=0))  # |dt|, 0 where masked
     if pid_o == tl.num_programs(1) - 1:  # padding digits (columns K .. 5 KB - 1, at most 4) of these rows
         pc = K + tl.arange(0, 4)

@@ -195,3 +195,15 @@ def test_compiled_chain_step_equals_the_eager_one():
     assert int(em["flips"]) > 0 and int(em["flips"]) == int(cm["flips"])
     pairs = zip(pytree.tree_leaves(eager), pytree.tree_leaves(compiled))
     assert all(torch.equal(a, b) for a, b in pairs if isinstance(a, torch.Tensor))
+
+
+def test_data_parallel_training_refuses_chain_flips(capsys):
+    """Ranks exchange only the signs of their gradients; the chain weighs each vote by its magnitude."""
+    from arbfn import distributed
+
+    with pytest.raises(ValueError, match="train flip_mode 'chain' in one process"):
+        distributed.check_update(CHAIN)
+    distributed.check_update(UpdateConfig(flip_mode="stochastic"))
+    assert main(["train", "--preset", "tiny", "--steps", "1", "--flip-mode", "chain", "--nproc", "2",
+                 "--out", "/tmp/arbfn-test-chain-dp", "--quiet"]) == 2
+    assert "in one process" in capsys.readouterr().err

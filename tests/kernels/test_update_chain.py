@@ -1,6 +1,6 @@
 """Properties of ``arbfn::ternary_update_chain`` (kernels/update_chain.py): the place-bit layout, the move
 probability, the chain's moves against a plain-Python restatement where every vote moves, the hashed move rate,
-determinism, argument validation, opcheck and torch.compile."""
+determinism, argument validation, opcheck and torch.compile; and its Triton kernel against the reference."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels.packing import pack_reference, unpack_reference
+from kernels.packing import pack_reference, unpack_reference, validate_packed
 from kernels.update import draws, step_key
 from kernels.update_chain import (check_chain_args, move_probability, pack_places, places_width, ternary_update_chain,
-                                  ternary_update_chain_reference, unpack_places)
+                                  ternary_update_chain_reference, ternary_update_chain_triton, unpack_places)
 
 ALWAYS = torch.tensor(1 << 24)  # the cutoff of θ 1: every draw falls below it
 STEP = torch.tensor(7)
@@ -175,3 +175,43 @@ def test_opcheck_and_compiled_equal_eager():
 
     compiled = torch.compile(two_steps, fullgraph=True)
     assert all(torch.equal(x, y) for x, y in zip(compiled(packed, places, grad), two_steps(packed, places, grad)))
+
+
+def borderline(packed, places, grad, step, cutoff, k, gs, scale, power, seed) -> torch.Tensor:
+    """Where the reference's draw lies within float32 rounding of p * cutoff: two implementations may differ
+    there (their sums run in other orders)."""
+    bound = float(cutoff.clamp(0, 1 << 24))
+    u = draws(step_key(step, seed), packed.shape[0], k).to(torch.float64)
+    edge = move_probability(grad, gs, scale, power).to(torch.float64) * bound
+    return (u - edge).abs() <= 1e-5 * max(bound, 1.0)
+
+
+@given(n=st.integers(1, 6), k=st.integers(1, 300), gs=st.sampled_from((8, 16, 32, 64)),
+       power=st.sampled_from((1.0, 3.0, 4.5)), cut=st.sampled_from((0, 1, 1 << 20, 1 << 23, 1 << 24, 1 << 30)),
+       special=st.booleans(), seed=st.integers(0, 2**16))
+def test_triton_kernel_matches_the_reference(kernel_device, n, k, gs, power, cut, special, seed):
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn((n, k), generator=gen) * torch.rand((n, k), generator=gen).gt(0.1)
+    if special:  # zeros, NaN, infinities, tiny and huge values
+        picks = torch.tensor([0.0, -0.0, math.nan, math.inf, -math.inf, 3e38, 1e-45, 1.0])
+        spots = torch.rand((n, k), generator=gen) < 0.05
+        grad = torch.where(spots, picks[torch.randint(0, len(picks), (n, k), generator=gen)], grad)
+    packed, places, grad, _, _ = case(n, k, seed, grad)
+    args = (packed, places, grad, torch.tensor(seed % 5), torch.tensor(cut), k, gs, 2.0, power, seed)
+    want = ternary_update_chain_reference(*args)
+    got = ternary_update_chain_triton(*(a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in args))
+    got = [x.cpu() for x in got]
+    validate_packed(got[0], k)
+    free = ~borderline(*args)
+    assert torch.equal(unpack_reference(got[0], k)[free], unpack_reference(want[0], k)[free])
+    assert torch.equal(unpack_places(got[1], k)[free], unpack_places(want[1], k)[free])
+    if k % 16:  # a row's place bits beyond k stay zero
+        assert not ((got[1][:, -1].to(torch.int64) & 0xFFFF) >> (k % 16)).any()
+    if bool(free.all()):
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
+def test_triton_kernel_refuses_other_group_sizes():
+    packed, places, grad, _, _ = case(2, 24, 0)
+    with pytest.raises(ValueError, match="group sizes 8, 16, 32 or 64"):
+        ternary_update_chain_triton(packed, places, grad, STEP, ALWAYS, 24, 6, 2.0, 3.0, 0)
