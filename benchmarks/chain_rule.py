@@ -9,17 +9,21 @@ A setting is ``states:scale:final[:power][:flag...]``. ``states`` S = 3 * 2**b: 
 0.125 bytes/weight). A vote (the sign of -dL/dW) moves the place one step along the chain with probability
 ``p * a(step)``: p = min(1, |g| / (scale * max |g| of the weight's exponent group)) ** power (``scale`` 0: p = 1,
 every vote alike; ``power`` 1 unless given: a higher power moves mostly the weights with the group's largest
-gradients; the ``rms`` flag puts the group's root mean square |g| in place of its max), and a(step) falls from 1 at step 0 to 1/``final`` at the run's end, geometrically
-(``final ** -(step / steps)``) unless the ``cosine`` flag gives a cosine from 1 to 1/``final``. Flags:
-``frozen`` leaves the exponents at their initial values (no exponent accumulator needed; otherwise they move by
-the library's rule, ``arbfn::ternary_update_group`` with a zero flip cutoff, which moves no trit); ``outer`` starts
-each nonzero trit at the outer place of its level, where a vote toward zero must move it twice to change it
-(zero trits start uniform over their places, as every trit does without the flag); ``fixed-norms`` trains no
-norm gain (weights under a key ``norm...``, all +1 from init): they keep their init.
+gradients; the ``rms`` flag puts the group's root mean square |g| in place of its max), and a(step) falls from 1 at
+step 0 to 1/``final`` at the run's end, geometrically (``final ** -(step / steps)``) unless the ``cosine`` flag
+gives a cosine from 1 to 1/``final``. Flags: ``frozen`` leaves the exponents at their initial values (no exponent
+accumulator needed; otherwise they move by the library's rule, ``arbfn::ternary_update_group`` with a zero flip
+cutoff, which moves no trit); ``outer`` starts each nonzero trit at the outer place of its level, where a vote
+toward zero must move it twice to change it (zero trits start uniform over their places, as every trit does
+without the flag); ``fixed-norms`` trains no norm gain (weights under a key ``norm...``, all +1 from init): they
+keep their init.
 
 The places live in this script, not in the state, and the draws come from torch's generator: a prototype to
-measure the rule before it gets a layout and a kernel. bytes/weight counts the state as the rule would keep
-it: the audit's bytes, plus b bits per trainable weight, less the exponent accumulators when frozen.
+measure rules before they get a layout and a kernel. Its best setting,
+``6:2:128:3:frozen:outer:cosine:fixed-norms:rms`` at ``--group-size 64``, is now the library's flip mode "chain"
+(``UpdateConfig(flip_mode="chain")``, kernels/update_chain.py), with hashed draws instead of torch's generator.
+bytes/weight counts the state as the rule would keep it: the audit's bytes, plus b bits per trainable weight, less
+the exponent accumulators when frozen.
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ class ChainRule:
         return max(0, (self.states // 3).bit_length() - 1)
 
 
-FLAGS = {"frozen": "frozen", "outer": "outer", "cosine": "cosine", "fixed-norms": "fixed_norms", "rms": "rms"}  # flag: field
+FLAGS = {"frozen": "frozen", "outer": "outer", "cosine": "cosine", "fixed-norms": "fixed_norms",  # flag: field
+         "rms": "rms"}
 
 
 def parse_setting(text: str) -> ChainRule:

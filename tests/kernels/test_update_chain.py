@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from kernels.packing import pack_reference, unpack_reference, validate_packed
 from kernels.update import draws, step_key
-from kernels.update_chain import (check_chain_args, move_probability, pack_places, places_width, ternary_update_chain,
-                                  ternary_update_chain_reference, ternary_update_chain_triton, unpack_places)
+from kernels.update_chain import (_chain_kernel, check_chain_args, move_probability, pack_places, places_width,
+                                  ternary_update_chain, ternary_update_chain_reference, ternary_update_chain_triton,
+                                  unpack_places)
 
 ALWAYS = torch.tensor(1 << 24)  # the cutoff of θ 1: every draw falls below it
 STEP = torch.tensor(7)
@@ -215,3 +216,8 @@ def test_triton_kernel_refuses_other_group_sizes():
     packed, places, grad, _, _ = case(2, 24, 0)
     with pytest.raises(ValueError, match="group sizes 8, 16, 32 or 64"):
         ternary_update_chain_triton(packed, places, grad, STEP, ALWAYS, 24, 6, 2.0, 3.0, 0)
+
+
+def test_the_tuner_restores_the_packed_copy_the_kernel_adds_into():
+    """Timed runs on the real arguments must not add their trit moves again (see tests/kernels/test_tuning.py)."""
+    assert _chain_kernel.protected == {"reset_to_zero": ["count_ptr"], "restore_value": ["new_packed_ptr"]}
