@@ -178,8 +178,8 @@ class UpdateConfig:
       at their initial values (no exponent accumulator), norm gains keep their init (weights under a ``norm...``
       key: no accumulator at all), and a fresh state starts each nonzero trit at the outer place of its level. With
       ``group_size`` 64 that is 0.344 bytes/weight on tiny's byte path (0.384 on the whole preset, whose graph and
-      VQ keep their own counters); with θ 1 -> 128 on a cosine over the run it learns to 1.139-1.144x the float
-      twin there, three seeds (1.22x at 400 steps; benchmarks/RESULTS.md, "The chain as a flip mode"). Every
+      VQ keep their own counters); with θ 1 -> 128 on a cosine over the run it learns to 1.131-1.145x the float
+      twin there, five runs (1.22x at 400 steps; benchmarks/RESULTS.md, "The chain as a flip mode"). Every
       device runs its pure-torch update for now (its Triton kernel has not yet run on a GPU).
     flip_threshold: net votes per trit move (1..127; at most 7 with 4-bit counters; up to 2**24 for stochastic
       flips, which move a trit on a vote with probability 1/θ and need no counter to hold θ). 16 with dithered
