@@ -7,8 +7,8 @@ expected structure from the config on the meta device and demands exactly those 
 shapes, then validates every ternary weight (bytes 0..242, zero padding trits). The per-weight flip
 counters (``t_accum``) are saved and expected exactly when the config's ``update.flip_mode`` is "counter", in
 the width of its ``update.counter_bits`` (int8, or uint8 nibble pairs); counters of the other width refuse to
-save or load. A "chain" config saves and expects the chain's place bits (int32 ``t_accum``) and no exponent
-accumulators (nor any accumulator of a norm gain).
+save or load. A "chain" config saves and expects the chain's place bits (int16 ``t_accum``) and no exponent
+accumulators; ``update.fixed_norm_gains`` saves and expects no accumulator on any norm gain.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch.utils._pytree as pytree
 
 from arbfn.config import Config, TrainConfig, UpdateConfig
 from arbfn.model import State, init_model, is_norm_gain
-from arbfn.ternary import (CHAIN_BITS, flip_counter_bits, set_chain_places, set_flip_counters, to_device,
-                           validate_weight, weights)
+from arbfn.ternary import (CHAIN_BITS, fix_weights, flip_counter_bits, is_ternary, set_chain_places,
+                           set_flip_counters, to_device, validate_weight, weights)
 
 FORMAT = "arbfn-checkpoint-1"
 
@@ -58,18 +58,29 @@ def save(state: State, path: str | Path, cfg: Config | None = None) -> Path:
     The state is written in the layout of ``cfg.update.flip_mode`` (flip counters dropped, or added as zeros of
     ``cfg.update.counter_bits``; counters of another width raise ValueError); without ``cfg`` the mode and width
     are the state's own: "stochastic" when no trainable weight carries flip counters, 4-bit (with flip threshold
-    7, the most a nibble holds) when they are nibbles, "chain" when they are a chain's place bits."""
+    7, the most a nibble holds) when they are nibbles, "chain" when they are a chain's place bits, with
+    ``fixed_norm_gains`` when every norm gain holds no accumulator. A config with ``fixed_norm_gains`` drops the norm
+    gains' accumulators; one without refuses a state whose norm gains have none (their votes cannot be made up)."""
+    gains = [w for path, w in pytree.tree_flatten_with_path(state.params, is_leaf=is_ternary)[0]
+             if is_ternary(w) and is_norm_gain(path)]
+    fixed = bool(gains) and not any(w.trainable for w in gains)
     if cfg is None:  # the default train context (64) must fit models with a shorter max_context
         trainable = [w for w in weights(state.params) if w.trainable]
         bits = {flip_counter_bits(w) for w in trainable}
         mode = ("stochastic" if trainable and bits == {None} else "chain" if CHAIN_BITS in bits else "counter")
-        update = UpdateConfig(flip_threshold=7, counter_bits=4) if 4 in bits else UpdateConfig(flip_mode=mode)
+        update = (UpdateConfig(flip_threshold=7, counter_bits=4, fixed_norm_gains=fixed) if 4 in bits
+                  else UpdateConfig(flip_mode=mode, fixed_norm_gains=fixed))
         cfg = Config("custom", state.config, update=update,
                      train=TrainConfig(context=max(2, min(TrainConfig.context, state.config.max_context))))
     if cfg.model != state.config:
         raise ValueError("save: cfg.model differs from the state's model config")
+    if cfg.update.fixed_norm_gains:
+        state = fix_weights(state, is_norm_gain)
+    elif fixed:
+        raise ValueError("save: the state's norm gains hold no accumulators (fixed_norm_gains), the config trains "
+                         "them: pass a config with update.fixed_norm_gains=True")
     if cfg.update.flip_mode == "chain":
-        state = set_chain_places(state, fixed=is_norm_gain)
+        state = set_chain_places(state)
     else:
         state = set_flip_counters(state, cfg.update.flip_counters, cfg.update.counter_bits)
     for w in weights(state.params):

@@ -64,18 +64,19 @@ def _with_update_flags(cfg, args: argparse.Namespace, resuming: bool):
     to them. --flip-threshold-final without --anneal-steps anneals over the run's steps (--steps, else the preset's;
     a resumed run must say where the schedule ends)."""
     knobs = ("flip_mode", "counter_bits", "flip_threshold", "exp_threshold", "flip_threshold_final", "anneal_steps",
-             "anneal_shape", "chain_scale", "chain_power")
+             "anneal_shape", "chain_scale", "chain_power", "fixed_norm_gains")
     given = {k: v for k, v in vars(args).items() if k in knobs and v is not None}
     if "flip_threshold_final" in given and "anneal_steps" not in given:
         if resuming:  # the schedule counts the state's steps from its first, not this invocation's
             raise ValueError("--flip-threshold-final on a resumed run needs --anneal-steps: the step (counted from "
                              "the run's first) at which θ reaches it")
         given["anneal_steps"] = args.steps or cfg.train.steps
-    for name in ("flip_mode", "counter_bits"):
+    for name in ("flip_mode", "counter_bits", "fixed_norm_gains"):
         if resuming and name in given and given[name] != getattr(cfg.update, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {given[name]} differs from the checkpoint's {getattr(cfg.update, name)!r}: "
-                             "its state layout (flip counters or none, and their width) belongs to it")
+                             "its state layout (flip counters or none, their width, the norm gains' accumulators) "
+                             "belongs to it")
     group_size = getattr(args, "group_size", None)
     if group_size is not None and group_size != cfg.model.group_size:
         if resuming:
@@ -239,9 +240,9 @@ def _add_update_flags(p: argparse.ArgumentParser) -> None:
     (UpdateConfig's) and --group-size (ModelConfig's) on a subcommand."""
     p.add_argument("--flip-mode", choices=FLIP_MODES,
                    help="trit flips from int8 vote counters (default), counter-free hashed coin flips (0.27 B/weight), "
-                        "or a chain: one place bit per weight beside its trit, fixed exponents and norm gains (0.34 "
-                        "B/weight at --group-size 64; recommended: --flip-threshold 1 --flip-threshold-final 128 "
-                        "--anneal-shape cosine)")
+                        "or a chain: one place bit per weight beside its trit, fixed exponents (0.34 B/weight at "
+                        "--group-size 64; recommended: --fixed-norm-gains --flip-threshold 1 --flip-threshold-final "
+                        "128 --anneal-shape cosine)")
     p.add_argument("--counter-bits", type=int, choices=(8, 4),
                    help="flip-counter width: int8 (default, 1 B/weight) or 4-bit nibbles, two per byte (0.5 B/weight; "
                         "needs --flip-threshold <= 7)")
@@ -259,6 +260,9 @@ def _add_update_flags(p: argparse.ArgumentParser) -> None:
                    help="chain flips: a vote moves with probability min(1, |g| / (scale * group rms)) ** power / θ "
                         "(default 2)")
     p.add_argument("--chain-power", type=float, help="chain flips: the power of that ratio (default 3)")
+    p.add_argument("--fixed-norm-gains", action="store_true", default=None,
+                   help="keep the RMSNorm gains at their init, with no accumulator (any flip mode; every chain figure "
+                        "used it, and it helps counter-free flips)")
     p.add_argument("--group-size", type=int,
                    help="inputs per exponent group (default: the preset's; a fresh model only: a checkpoint keeps its)")
     p.add_argument("--exp-threshold", type=int,

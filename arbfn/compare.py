@@ -118,8 +118,8 @@ def format_table(result: dict[str, Any]) -> str:
     if u.get("flip_threshold_final"):
         flip += (f" annealed to {u['flip_threshold_final']} over {u['anneal_steps']} steps"
                  f"{' on a cosine' if u.get('anneal_shape') == 'cosine' else ''}")
-    exps = ("exponents and norm gains fixed" if u["flip_mode"] == "chain" else
-            f"exponent threshold {u['exp_threshold']}")
+    exps = "exponents fixed" if u["flip_mode"] == "chain" else f"exponent threshold {u['exp_threshold']}"
+    exps += ", norm gains fixed" if u.get("fixed_norm_gains") else ""
     lines = [result["architecture"], f"ternary sign votes: {mode}, flip threshold "
              f"{flip}, {exps}, "
              f"{result.get('ternary_compute_dtype', 'float32')} activations; float twin: {result['float_optimizer']}",

@@ -175,8 +175,8 @@ class UpdateConfig:
       place bit per weight beside its trit (kernels/update_chain.py): a weight is a chain of six places, two per
       trit level, and a vote moves its place one step with probability min(1, |g| / (``chain_scale`` * the rms
       |g| of its exponent group)) ** ``chain_power`` / θ, drawn from the same hash as "stochastic". Exponents stay
-      at their initial values (no exponent accumulator), norm gains keep their init (weights under a ``norm...``
-      key: no accumulator at all), and a fresh state starts each nonzero trit at the outer place of its level. With
+      at their initial values (no exponent accumulator), and a fresh state starts each nonzero trit at the outer
+      place of its level. With ``fixed_norm_gains`` (as every chain figure here was measured) and
       ``group_size`` 64 that is 0.344 bytes/weight on tiny's byte path (0.384 on the whole preset, whose graph and
       VQ keep their own counters); with θ 1 -> 128 on a cosine over the run it learns to 1.131-1.145x the float
       twin there, five runs (1.22x at 400 steps; benchmarks/RESULTS.md, "The chain as a flip mode"). Every
@@ -213,6 +213,12 @@ class UpdateConfig:
     anneal_shape: how θ anneals: "geometric" (default), or "cosine": the move rate 1/θ falls on a half cosine
       from 1/θ0 to 1/θ1 (kernels/update.py ``flip_cutoff``), holding fast moves longer. The chain learns better
       with it (tiny, 200 steps, θ 1 -> 128: 1.144x the float twin against 1.176x geometric; benchmarks/RESULTS.md).
+    fixed_norm_gains: every mode: the RMSNorm gains (weights under a ``norm...`` key, all +1 at init) keep their
+      init and hold no accumulator, so the update never moves them (the float twin still trains its own). Default
+      off. Measured on tiny, 200 steps (benchmarks/RESULTS.md, "The chain as a flip mode"): counter-free flips θ 1
+      -> 64, update seeds 0 / 1 / 2: 1.307x / 1.296x / 1.318x the float twin against 1.335x / 1.339x / 1.318x
+      trained; the chain prototype 1.176x against 1.180x (1.167x against 1.168x with outer starts); int8 counters
+      1.087x against 1.084x (no gain).
     chain_scale, chain_power: chain mode only (module kernels/update_chain.py): a gradient moves its place with
       probability min(1, |g| / (chain_scale * its group's rms |g|)) ** chain_power (times 1/θ). A power above 1
       moves mostly the group's largest gradients; measured on tiny with outer starts and fixed norms (200 steps,
@@ -241,6 +247,7 @@ class UpdateConfig:
     anneal_shape: str = "geometric"
     chain_scale: float = 2.0
     chain_power: float = 3.0
+    fixed_norm_gains: bool = False
 
     def __post_init__(self) -> None:
         if self.flip_mode not in FLIP_MODES:

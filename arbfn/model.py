@@ -34,7 +34,8 @@ from arbfn.layers.norm import init_rmsnorm, rmsnorm
 from arbfn.layers.sequencers import audio_sequencer, image_sequencer, init_audio_sequencer, init_image_sequencer
 from arbfn.layers.text import init_text_sequencer, text_sequencer
 from arbfn.layers.vq import init_vq, update_vq_counters
-from arbfn.ternary import dither_flip_counters, init_ternary, linear, set_chain_places, set_flip_counters
+from arbfn.ternary import (dither_flip_counters, fix_weights, init_ternary, linear, set_chain_places,
+                           set_flip_counters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +84,9 @@ def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = No
     """Fresh state for ``cfg``; ``generator=None`` gives a shape-only state on the meta device. A full
     :class:`Config` also sets the flip-counter layout of its update mode (none for stochastic flips; int8 or
     4-bit nibbles by ``update.counter_bits``; a chain's place bits, outer for nonzero trits, the rest drawn after
-    the weights, with no exponent accumulators and fixed norm gains) and, with ``update.dither``, draws the
-    counters' starting values after the weights (the weights do not change)."""
+    the weights, with no exponent accumulators), drops the norm gains' accumulators with
+    ``update.fixed_norm_gains``, and, with ``update.dither``, draws the counters' starting values after the weights
+    (the weights do not change)."""
     m = cfg.model if isinstance(cfg, Config) else cfg
     g, gs, d, seq = generator, m.group_size, m.d_model, m.sequencers
     params: dict[str, Any] = {"text": init_text_sequencer(m.vocab_size, m.d_embed, m.window, d, gs, g)}
@@ -109,8 +111,10 @@ def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = No
     params["talker"] = init_talker_head(d, gs, g, m.heads.talker_tokens)
     device = "meta" if generator is None else None
     if isinstance(cfg, Config):  # the update's flip mode and width decide the weights' flip counters (fresh zeros)
+        if cfg.update.fixed_norm_gains:
+            params = fix_weights(params, is_norm_gain)
         if cfg.update.flip_mode == "chain":
-            params = set_chain_places(params, generator, fixed=is_norm_gain)
+            params = set_chain_places(params, generator)
         else:
             params = set_flip_counters(set_flip_counters(params, False), cfg.update.flip_counters,
                                        cfg.update.counter_bits)
@@ -120,7 +124,7 @@ def init_model(cfg: Config | ModelConfig, generator: torch.Generator | None = No
 
 
 def is_norm_gain(path: tuple) -> bool:
-    """Whether a pytree path leads to an RMSNorm gain (a key ``norm...``): chain flips keep those at their init."""
+    """Whether a pytree path leads to an RMSNorm gain (a key ``norm...``): ``UpdateConfig.fixed_norm_gains``."""
     return any(isinstance(k, pytree.MappingKey) and str(k.key).startswith("norm") for k in path)
 
 

@@ -342,7 +342,7 @@ def set_flip_counters(tree: Any, present: bool, counter_bits: int = 8) -> Any:
 
 
 def start_places(w: TernaryWeight, generator: torch.Generator | None) -> torch.Tensor:
-    """Fresh chain place bits for ``w`` (int32 words, on its device): each nonzero trit at the outer place of its
+    """Fresh chain place bits for ``w`` (int16 words, on its device): each nonzero trit at the outer place of its
     level (bit 1 for +1, 0 for -1), each zero trit's bit drawn from ``generator`` (0 without one; zeros throughout
     on the meta device)."""
     dtype, width = accumulator_layout(w.in_features, CHAIN_BITS)
@@ -355,22 +355,26 @@ def start_places(w: TernaryWeight, generator: torch.Generator | None) -> torch.T
     return chain_ops.pack_places(bits).to(w.packed.device)
 
 
-def set_chain_places(tree: Any, generator: torch.Generator | None = None,
-                     fixed: Callable[[tuple], bool] = lambda path: False) -> Any:
+def set_chain_places(tree: Any, generator: torch.Generator | None = None) -> Any:
     """``tree`` laid out for chain flips: every trainable weight keeps its place bits (or gets
     :func:`start_places`, drawn in pytree order from ``generator``) and no exponent accumulator (its exponents
-    stay put; flip counters it had are dropped), and every weight whose pytree path ``fixed(path)`` accepts keeps
-    neither accumulator (it is not trained)."""
+    stay put; flip counters it had are dropped)."""
 
-    def layout(path: tuple, w: Any) -> Any:
-        if not is_ternary(w) or not w.trainable:
+    def layout(w: TernaryWeight) -> TernaryWeight:
+        if not w.trainable:
             return w
-        if fixed(path):
-            return dataclasses.replace(w, t_accum=None, e_accum=None)
         places = w.t_accum if flip_counter_bits(w) == CHAIN_BITS else start_places(w, generator)
         return dataclasses.replace(w, t_accum=places, e_accum=None)
 
-    return pytree.tree_map_with_path(layout, tree, is_leaf=is_ternary)
+    return map_weights(layout, tree)
+
+
+def fix_weights(tree: Any, fixed: Callable[[tuple], bool]) -> Any:
+    """``tree`` with every weight whose pytree path ``fixed(path)`` accepts holding neither accumulator: no update
+    moves it again."""
+    return pytree.tree_map_with_path(
+        lambda path, w: dataclasses.replace(w, t_accum=None, e_accum=None) if is_ternary(w) and fixed(path) else w,
+        tree, is_leaf=is_ternary)
 
 
 def update_chain_weights(ws: list[TernaryWeight], grads: list[torch.Tensor | None], step: torch.Tensor,

@@ -115,7 +115,7 @@ def twin_rows(cfg: Config, ids: torch.Tensor, device: torch.device, reps: int = 
 LAYOUTS = {"stochastic": dict(flip_mode="stochastic"), "nibble": dict(counter_bits=4, flip_threshold=7),
            "annealed": dict(flip_mode="stochastic", flip_threshold=64, flip_threshold_final=2048, anneal_steps=1000),
            "chain": dict(flip_mode="chain", flip_threshold=1, flip_threshold_final=128, anneal_steps=1000,
-                         anneal_shape="cosine")}
+                         anneal_shape="cosine", fixed_norm_gains=True)}
 
 
 def with_layout(cfg: Config, layout: str) -> Config:

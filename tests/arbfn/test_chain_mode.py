@@ -24,7 +24,7 @@ from kernels.update import flip_cutoff
 from kernels.update_chain import unpack_places
 
 CHAIN = UpdateConfig(flip_mode="chain", flip_threshold=1, flip_threshold_final=128, anneal_steps=200,
-                     anneal_shape="cosine", seed=3)
+                     anneal_shape="cosine", seed=3, fixed_norm_gains=True)
 
 
 def chain_config(group_size: int = 64) -> Config:
@@ -161,13 +161,16 @@ def test_cosine_schedule_holds_the_rate_then_falls_to_the_final_threshold():
 
 def test_compare_cli_trains_the_chain(capsys):
     args = ["compare", "--preset", "tiny", "--steps", "2", "--eval-every", "2", "--flip-mode", "chain",
-            "--flip-threshold", "1", "--flip-threshold-final", "128", "--anneal-shape", "cosine", "--group-size", "64"]
+            "--flip-threshold", "1", "--flip-threshold-final", "128", "--anneal-shape", "cosine", "--group-size", "64",
+            "--fixed-norm-gains"]
     assert main([*args, "--json", "--out", "/tmp/arbfn-test-chain"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["update"]["flip_mode"] == "chain" and result["update"]["anneal_shape"] == "cosine"
+    assert result["update"]["fixed_norm_gains"]
     assert result["bytes_per_weight"] < 0.35 and math.isfinite(result["bpb_ternary"])
-    assert main([*args[:-2], "--chain-power", "2", "--chain-scale", "1.5", "--out", "/tmp/arbfn-test-chain"]) == 0
-    assert "chain flips (scale 1.5, power 2)" in capsys.readouterr().out
+    assert main([*args, "--chain-power", "2", "--chain-scale", "1.5", "--out", "/tmp/arbfn-test-chain"]) == 0
+    table = capsys.readouterr().out
+    assert "chain flips (scale 1.5, power 2)" in table and "exponents fixed, norm gains fixed" in table
     assert main(["compare", "--preset", "tiny", "--steps", "1", "--chain-power", "2"]) == 2
     assert "shapes chain flips" in capsys.readouterr().err
 
@@ -207,3 +210,34 @@ def test_data_parallel_training_refuses_chain_flips(capsys):
     assert main(["train", "--preset", "tiny", "--steps", "1", "--flip-mode", "chain", "--nproc", "2",
                  "--out", "/tmp/arbfn-test-chain-dp", "--quiet"]) == 2
     assert "in one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["counter", "stochastic", "chain"])
+def test_fixed_norm_gains_hold_no_accumulator_in_any_mode_and_do_not_move(mode, tmp_path):
+    update = dataclasses.replace(CHAIN, flip_mode=mode) if mode == "chain" else UpdateConfig(
+        flip_mode=mode, fixed_norm_gains=True, **({"flip_threshold": 2} if mode == "counter" else {}))
+    cfg = dataclasses.replace(chain_config(), update=update)
+    state = init_model(cfg, torch.Generator().manual_seed(0))
+    for path, w in named_weights(state):
+        assert w.trainable != is_norm_gain(path)
+    new, m = train_step(state, next(data.iterate_batches(data.load_corpus(), 4, 32, 0)), cfg)
+    assert int(m["flips"]) > 0
+    for (path, old), (_, w) in zip(named_weights(state), named_weights(new)):
+        assert not is_norm_gain(path) or torch.equal(old.packed, w.packed)
+    back, got = load_run(save(new, tmp_path / "auto.safetensors"))  # the layout tells the knob
+    assert got.update.fixed_norm_gains and got.update.flip_mode == mode
+    assert pytree.tree_structure(back) == pytree.tree_structure(new)
+    if mode != "chain":
+        trained = dataclasses.replace(cfg, update=dataclasses.replace(update, fixed_norm_gains=False))
+        with pytest.raises(ValueError, match="norm gains hold no accumulators"):
+            save(new, tmp_path / "bad.safetensors", trained)
+        plain = init_model(trained, torch.Generator().manual_seed(0))  # saved with the knob: norm accumulators go
+        _, got = load_run(save(plain, tmp_path / "fixed.safetensors", cfg))
+        assert got.update.fixed_norm_gains
+
+
+def test_chain_without_fixed_norm_gains_trains_them():
+    cfg = dataclasses.replace(chain_config(), update=dataclasses.replace(CHAIN, fixed_norm_gains=False))
+    state = init_model(cfg, torch.Generator().manual_seed(0))
+    gains = [w for path, w in named_weights(state) if is_norm_gain(path)]
+    assert gains and all(flip_counter_bits(w) == CHAIN_BITS and w.e_accum is None for w in gains)
