@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _with_update_flags(cfg, args, resuming=state is not None)
     distributed.check_batch_size(cfg.train.batch_size, world)
     if world > 1 or ranked:
-        distributed.check_update(cfg.update)
+        distributed.check_update(cfg.update, args.exchange)
     if world > 1 and args.step not in (None, "eager"):
         raise ValueError(f"--step {args.step} is for one process; data-parallel ranks run the eager step")
     if world > 1 and not ranked:
@@ -297,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or cuda-graph (compiled, then replayed as one CUDA graph: no per-op host overhead)")
     t.add_argument("--resume", help="continue training this checkpoint (its preset and config; --preset is ignored)")
     t.add_argument("--nproc", type=int, help="data-parallel ranks on this host, launched through torchrun")
-    t.add_argument("--exchange", default="trits", choices=("trits", "int8"),
-                   help="how ranks exchange gradient votes: packed trits (default, ~20x fewer bytes than fp32) or int8")
+    t.add_argument("--exchange", default="trits", choices=("trits", "int8", "fp32"),
+                   help="how ranks exchange gradient votes: packed trits (default, ~20x fewer bytes than fp32), int8, "
+                        "or the fp32 gradients themselves (what chain flips need)")
     t.add_argument("--timeout", type=float, default=300.0, help="seconds a rank waits for its peers before failing")
     t.set_defaults(fn=cmd_train)
 

@@ -10,6 +10,9 @@ Every rank holds the whole state and draws the same global batch stream; rank r 
    sums its slice and keeps the sign (the majority vote), packs it again and all_gathers the slices;
    ``"int8"`` all-reduces int8 votes (sum). The update op reads only the sign of its gradient input
    (kernels/update.py), so the majority sign and the vote sum give the same update, bit for bit;
+   ``"fp32"`` all-reduces the fp32 gradients themselves (sum), for chain flips, which weigh each vote by its
+   gradient's magnitude (:func:`check_update`); with counter or stochastic flips it votes the sign of the summed
+   gradient instead of the majority of the ranks' signs;
 3. the counters' integer evidence (VQ indices, memory slots) is all-gathered and concatenated along the
    batch in rank order, and the scalar loss terms are averaged (for logging);
 4. ``finish_step`` with those: every rank applies the same update, so the state stays bit-identical.
@@ -20,8 +23,8 @@ With one rank (or no process group) the step equals ``train_step``.
 
 Bytes one rank sends per step (:func:`wire_bytes`), for L votes on W ranks, ring/pairwise algorithms as
 NCCL and gloo run them: trits 2·(W−1)·R·512 with R = ceil(L / (2560·W)) rows of 512 bytes per slice
-(≈ 0.4·L·(W−1)/W); int8 2·(W−1)·ceil(L/W); the fp32 baseline 2·(W−1)·ceil(L/W)·4. So trits send
-≈ 20× fewer bytes than an fp32 all-reduce at any W, int8 4×. Evidence adds (W−1)·4·E for E int32
+(≈ 0.4·L·(W−1)/W); int8 2·(W−1)·ceil(L/W); fp32 (the exchange, and the baseline) 2·(W−1)·ceil(L/W)·4. So
+trits send ≈ 20× fewer bytes than an fp32 all-reduce at any W, int8 4×. Evidence adds (W−1)·4·E for E int32
 entries per rank and the averaged scalars 2·(W−1)·ceil(S/W)·8.
 
 A collective that fails because a peer died or did not answer within the process group's timeout
@@ -52,7 +55,7 @@ from arbfn.objective import as_batch
 from arbfn.train import finish_step, gradient_signals, train
 from kernels.packing import pack, unpack
 
-EXCHANGES = ("trits", "int8")
+EXCHANGES = ("trits", "int8", "fp32")
 ROW_BYTES = 512  # packed votes travel as rows of 512 bytes (2560 trits): short kernel grids, little padding
 ROW_TRITS = 5 * ROW_BYTES
 DEFAULT_TIMEOUT_S = 300.0
@@ -127,12 +130,14 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
     (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp)
 
 
-def check_update(update: UpdateConfig) -> None:
-    """ValueError unless the update rule reads only the signs of its gradients, which is all the ranks exchange:
-    chain flips (``flip_mode`` "chain") weigh each vote by its gradient's magnitude, so they train in one process."""
-    if update.flip_mode == "chain":
-        raise ValueError("chain flips weigh votes by gradient magnitudes, and data-parallel ranks exchange only "
-                         "their signs: train flip_mode 'chain' in one process")
+def check_update(update: UpdateConfig, exchange: str) -> None:
+    """ValueError unless ``exchange`` carries what the update rule reads: chain flips (``flip_mode`` "chain") weigh
+    each vote by its gradient's magnitude, so they need the fp32 gradients; the vote exchanges carry signs only."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if update.flip_mode == "chain" and exchange != "fp32":
+        raise ValueError(f"chain flips weigh votes by gradient magnitudes, and the {exchange!r} exchange carries only "
+                         "their signs: use exchange 'fp32' (--exchange fp32)")
 
 
 def check_batch_size(batch_size: int, world: int) -> int:
@@ -181,17 +186,25 @@ def _majority_trits(flat: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def exchange_votes(grads: Any, exchange: str = "trits") -> Any:
-    """The tree of every rank's summed gradient votes (``"int8"``) or their sign (``"trits"``), as float.
+    """The tree of every rank's summed gradient votes (``"int8"``) or their sign (``"trits"``), as float, or of
+    every rank's summed fp32 gradients (``"fp32"``).
 
-    Either drives the same update: the update op reads only the sign of its gradient input."""
+    The vote exchanges drive the same update: the update op reads only the sign of its gradient input."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     leaves, spec = pytree.tree_flatten(grads)
     live = [g for g in leaves if g is not None]
     if not live:
         return grads
-    flat = torch.cat([_votes(g) for g in live])
     world = world_size()
+    if exchange == "fp32":
+        flat = torch.cat([g.detach().to(torch.float32).reshape(-1) for g in live])
+        if world > 1:
+            with _collective("gradient all_reduce"):
+                dist.all_reduce(flat)
+        parts = iter(flat.split([g.numel() for g in live]))
+        return pytree.tree_unflatten([None if g is None else next(parts).view(g.shape) for g in leaves], spec)
+    flat = torch.cat([_votes(g) for g in live])
     if world > 1 and exchange == "trits":
         flat = _majority_trits(flat, world)
     elif world > 1:
@@ -236,7 +249,7 @@ def data_parallel_step(state: State, batch: Any, cfg: Config, exchange: str = "t
     """One training step of this rank on its shard of the global ``batch``; identical new state on every rank."""
     if cfg.model != state.config:
         raise ValueError("data_parallel_step: cfg.model differs from the state's model config")
-    check_update(cfg.update)
+    check_update(cfg.update, exchange)
     grads, loss, aux = gradient_signals(state, shard(batch, rank(), world_size()), cfg.train)
     votes = exchange_votes(grads, exchange)
     loss, aux = exchange_aux(loss, aux)
@@ -283,7 +296,7 @@ def train_data_parallel(cfg: Config, state: State, corpus: bytes, out_dir: Path 
     """:func:`arbfn.train.train` with the data-parallel step; only rank 0 writes metrics and calls ``on_step``.
 
     Ends by checking that every rank holds the same state."""
-    check_update(cfg.update)
+    check_update(cfg.update, exchange)
     check_batch_size(cfg.train.batch_size, world_size())
     lead = rank() == 0
     state, history = train(cfg, state, corpus, out_dir if lead else None, on_step if lead else None,

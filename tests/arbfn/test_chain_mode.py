@@ -200,16 +200,26 @@ def test_compiled_chain_step_equals_the_eager_one():
     assert all(torch.equal(a, b) for a, b in pairs if isinstance(a, torch.Tensor))
 
 
-def test_data_parallel_training_refuses_chain_flips(capsys):
-    """Ranks exchange only the signs of their gradients; the chain weighs each vote by its magnitude."""
+def test_data_parallel_chain_flips_need_the_fp32_exchange(capsys):
+    """Vote exchanges carry only the signs of the gradients; the chain weighs each vote by its magnitude. With the
+    fp32 exchange a step in a world of one equals the train step (2-rank runs of that exchange: test_distributed)."""
     from arbfn import distributed
 
-    with pytest.raises(ValueError, match="train flip_mode 'chain' in one process"):
-        distributed.check_update(CHAIN)
-    distributed.check_update(UpdateConfig(flip_mode="stochastic"))
+    for exchange in ("trits", "int8"):
+        with pytest.raises(ValueError, match="use exchange 'fp32'"):
+            distributed.check_update(CHAIN, exchange)
+    distributed.check_update(CHAIN, "fp32")
+    distributed.check_update(UpdateConfig(flip_mode="stochastic"), "trits")
+    cfg = chain_config()
+    state = init_model(cfg, torch.Generator().manual_seed(0))
+    batch = next(data.iterate_batches(data.load_corpus(), 4, 32, 0))
+    with pytest.raises(ValueError, match="use exchange 'fp32'"):
+        distributed.data_parallel_step(state, batch, cfg)
+    (dp, _), (ref, _) = distributed.data_parallel_step(state, batch, cfg, "fp32"), train_step(state, batch, cfg)
+    assert distributed.state_digest(dp) == distributed.state_digest(ref)
     assert main(["train", "--preset", "tiny", "--steps", "1", "--flip-mode", "chain", "--nproc", "2",
                  "--out", "/tmp/arbfn-test-chain-dp", "--quiet"]) == 2
-    assert "in one process" in capsys.readouterr().err
+    assert "--exchange fp32" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["counter", "stochastic", "chain"])

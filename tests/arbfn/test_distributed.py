@@ -72,6 +72,7 @@ def _rank_steps(ckpt: str, out: str) -> None:
     log: list = []
     _record_collectives(log)
     report: dict = {}
+    final = {}
     for exchange in D.EXCHANGES:
         state, cfg = checkpoint.load_run(ckpt)
         digests, metrics = [], []
@@ -82,7 +83,8 @@ def _rank_steps(ckpt: str, out: str) -> None:
             metrics.append({k: float(v) for k, v in m.items()})
         report[exchange] = {"digests": digests, "metrics": metrics}
         report[exchange + "_step_collectives"] = list(log)
-    D.save_checkpoint(state, Path(out, "dp.safetensors"), cfg)
+        final[exchange] = state
+    D.save_checkpoint(final["trits"], Path(out, "dp.safetensors"), cfg)
     Path(out, f"rank{D.rank()}.json").write_text(json.dumps(report))
 
 
@@ -326,6 +328,22 @@ def test_cli_train_nproc_2_then_resume_on_one_process(tmp_path, capsys):
     assert main(["train", "--resume", str(out / "checkpoint.safetensors"), "--nproc", "1", "--steps", "1",
                  "--out", str(tmp_path / "more"), "--quiet"]) == 0
     assert int(checkpoint.load(tmp_path / "more" / "checkpoint.safetensors").step) == 4
+
+
+def test_cli_trains_chain_flips_on_2_ranks_with_the_fp32_exchange(tmp_path):
+    """The ranks sum their fp32 gradients, so every rank takes the same chain step: the run checks that the replicas
+    agree before rank 0 writes the checkpoint, which holds a chain state whose places moved."""
+    out = tmp_path / "run"
+    cmd = ["arbfn", "train", "--nproc", "2", "--steps", "2", "--batch-size", "4", "--flip-mode", "chain",
+           "--group-size", "64", "--fixed-norm-gains", "--flip-threshold", "1", "--exchange", "fp32", "--out",
+           str(out), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state, cfg = checkpoint.load_run(out / "checkpoint.safetensors")
+    assert int(state.step) == 2 and cfg.update.flip_mode == "chain" and cfg.update.fixed_norm_gains
+    fresh = init_model(cfg, torch.Generator().manual_seed(cfg.train.seed))
+    assert sum(int((a.t_accum != b.t_accum).sum()) for a, b in zip(weights(state.params), weights(fresh.params))
+               if a.t_accum is not None) > 0  # the places moved
 
 
 def test_cli_bad_nproc_and_batch(tmp_path, capsys, monkeypatch):
