@@ -77,7 +77,7 @@ def _with_update_flags(cfg, args: argparse.Namespace, resuming: bool):
             raise ValueError(f"{flag} {given[name]} differs from the checkpoint's {getattr(cfg.update, name)!r}: "
                              "its state layout (flip counters or none, their width, the norm gains' accumulators) "
                              "belongs to it")
-    group_size = getattr(args, "group_size", None)
+    group_size = args.group_size
     if group_size is not None and group_size != cfg.model.group_size:
         if resuming:
             raise ValueError(f"--group-size {group_size} differs from the checkpoint's {cfg.model.group_size}: its "

@@ -42,7 +42,7 @@ from arbfn import data
 from arbfn.audit import audit
 from arbfn.compare import byte_path_config, compare
 from arbfn.config import Config, UpdateConfig, preset
-from arbfn.model import State, init_model
+from arbfn.model import State, init_model, is_norm_gain
 from arbfn.ternary import TernaryWeight, is_ternary, update_weights, weights, weights_with_grads
 from arbfn.train import finish_step, gradient_signals
 from kernels.packing import pack_reference, unpack_reference
@@ -194,9 +194,7 @@ def flags_of(rule: ChainRule) -> str:
 def norm_gains(params: Any) -> set[int]:
     """Numbers (pytree order, as :func:`arbfn.ternary.weights` lists them) of the weights under a key ``norm...``."""
     leaves = pytree.tree_flatten_with_path(params, is_leaf=is_ternary)[0]
-    paths = [path for path, x in leaves if is_ternary(x)]
-    return {i for i, path in enumerate(paths)
-            if any(isinstance(k, pytree.MappingKey) and str(k.key).startswith("norm") for k in path)}
+    return {i for i, path in enumerate(path for path, x in leaves if is_ternary(x)) if is_norm_gain(path)}
 
 
 def bytes_per_weight(state: State, rule: ChainRule) -> float:

@@ -44,7 +44,7 @@ import triton.language as tl
 from kernels._triton import autotuned, cdiv, check_launchable, octet_columns, octet_trits
 from kernels.packing import check_group_size, n_groups, pack_reference, packed_width, unpack_reference
 from kernels.update import (_FUSED_CONFIGS, DRAW_BITS, MASK32, _add_octet_moves, _aligned_copy, _draws,
-                            _octet_grads, _octet_tile, _sign_bits, draws, fused_tiles, fuses, step_key)
+                            _octet_grads, _octet_tile, _sign_bits, _signs, draws, fused_tiles, fuses, step_key)
 
 PLACE_BITS = 16  # place bits per word
 PLACE_DTYPE = torch.int16  # the words' dtype (no other t_accum layout uses it)
@@ -124,7 +124,7 @@ def ternary_update_chain_reference(packed: torch.Tensor, places: torch.Tensor, g
     check_chain_args(packed, places, grad, step, cutoff, k, group_size, scale, power, seed)
     packed, places, grad = packed.contiguous(), places.contiguous(), grad.contiguous()
     t = unpack_reference(packed, k).to(torch.int64)
-    s = (grad > 0).to(torch.int64) - (grad < 0).to(torch.int64)
+    s = _signs(grad)
     bound = cutoff.clamp(0, 1 << DRAW_BITS).to(torch.float32)
     go = draws(step_key(step, seed), packed.shape[0], k).to(torch.float32) < move_probability(
         grad, group_size, scale, power) * bound
